@@ -1,0 +1,39 @@
+"""Triton kernels behind ``core_attention``.
+
+Applications reach these kernels only through ``core_attention``; nothing here is imported
+at ``import core_attention`` time, and Triton itself is imported lazily, so CPU-only
+machines without Triton can install and use the rest of the stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+__all__ = ["available_kernels", "interpreter_enabled", "triton_status"]
+
+__version__ = "0.1.0"
+
+# Names of the kernels this package provides; each issue that adds one registers it here.
+_KERNELS: tuple[str, ...] = ()
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: kernels then run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_status() -> tuple[bool, str]:
+    """Whether Triton imports here, and either its version or the reason it does not."""
+    try:
+        import triton
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    return True, f"triton {triton.__version__}"
+
+
+def available_kernels() -> tuple[str, ...]:
+    """Names of the kernels this install provides (empty when Triton is unavailable)."""
+    ok, _ = triton_status()
+    return _KERNELS if ok else ()

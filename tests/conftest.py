@@ -17,6 +17,5 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seeded():
-    """Each test draws fresh random inputs from its own fixed seed (reproducible failures)."""
+    """Each test draws its random inputs from a fixed seed (reproducible failures)."""
     torch.manual_seed(0)
-    yield

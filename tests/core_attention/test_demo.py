@@ -30,7 +30,7 @@ def test_uninstalled_or_stageless_apps_are_listed_as_skipped(monkeypatch, tmp_pa
 
     monkeypatch.setattr(runner.metadata, "distribution", fake_distribution)
     stages, skipped = runner.discover()
-    assert [s.name for s in stages][0] == "core"
+    assert stages[0].name == "core"
     reasons = {r.name: r.summary for r in skipped}
     assert "not installed" in reasons["attn-vision"]
     assert "pip install ./apps/vision" in reasons["attn-vision"]

@@ -1,0 +1,511 @@
+"""Bi-Level Routing Attention from BiFormer (Zhu et al., "BiFormer: Vision Transformer with
+Bi-Level Routing Attention", CVPR 2023).
+
+The image is cut into ``n_win x n_win`` regions. A coarse level routes every query region to
+the ``topk`` key regions whose mean key best matches its mean query; a fine level runs token
+attention from each query region to the tokens of its routed regions only.
+
+:func:`routed_attention` computes the fine level without copying the routed keys and values
+``topk`` times (the ``torch.gather`` of the reference implementation): it visits the routed
+regions one at a time and merges them with an online softmax, and its backward pass
+recomputes each region's scores instead of storing them, so memory does not grow with
+``topk``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BiLevelRoutingAttention", "QKVLinear", "TopkRouting", "routed_attention"]
+
+_KV_DOWNSAMPLE_MODES = ("identity", "avgpool", "maxpool", "ada_avgpool", "ada_maxpool")
+
+
+# --------------------------------------------------------------------------------------------
+# Region-routed token attention
+# --------------------------------------------------------------------------------------------
+
+
+def _step_scores(q, k_flat, ids, shape, weight_t, key_valid_t):
+    """Scores of every query region against its ``t``-th routed key region.
+
+    Returns the raw scaled logits ``a`` (before routing weights and masking) and the logits
+    ``s`` used by the softmax (``weight_t * a`` with masked keys at ``-inf``).
+    """
+    kt = k_flat.index_select(0, ids).view(shape)
+    a = torch.matmul(q, kt.transpose(-1, -2))
+    s = a if weight_t is None else a * weight_t
+    if key_valid_t is not None:
+        s = s.masked_fill(~key_valid_t, float("-inf"))
+    return kt, a, s
+
+
+def _prepare(q, k, v, region_idx):
+    b, m = q.shape[0], q.shape[2]
+    pk, nk = k.shape[1], k.shape[3]
+    base = torch.arange(b, device=q.device).view(b, 1, 1) * pk
+    flat_idx = region_idx + base  # [B, P, T] rows of the flattened [B * Pk, ...] key tensor
+    k_flat = k.reshape(b * pk, m, nk, k.shape[-1])
+    v_flat = v.reshape(b * pk, m, nk, v.shape[-1])
+    return flat_idx, k_flat, v_flat
+
+
+def _step_weight(region_weight, t, b, p):
+    if region_weight is None:
+        return None
+    return region_weight[:, :, t].view(b, p, 1, 1, 1)
+
+
+def _step_valid(key_valid, region_idx, t, b, p):
+    if key_valid is None:
+        return None
+    return key_valid[region_idx[:, :, t]].view(b, p, 1, 1, -1)
+
+
+def _routed_forward(q, k, v, region_idx, region_weight, key_valid):
+    """Online-softmax forward. Returns the output and the row log-sum-exp ``[B,P,M,Nq,1]``."""
+    b, p, m = q.shape[:3]
+    nk, dq, dv = k.shape[3], k.shape[4], v.shape[4]
+    flat_idx, k_flat, v_flat = _prepare(q, k, v, region_idx)
+    row_max = denom = acc = None
+    for t in range(region_idx.shape[-1]):
+        ids = flat_idx[:, :, t].reshape(-1)
+        w_t = _step_weight(region_weight, t, b, p)
+        _, _, s = _step_scores(
+            q, k_flat, ids, (b, p, m, nk, dq), w_t, _step_valid(key_valid, region_idx, t, b, p)
+        )
+        s_max = s.amax(-1, keepdim=True)
+        new_max = s_max if row_max is None else torch.maximum(row_max, s_max)
+        # A row whose keys are all masked so far has max -inf; shift by 0 there (exp -> 0).
+        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
+        probs = s.sub_(shift).exp_()  # runs without autograd: reuse the score buffer
+        vt = v_flat.index_select(0, ids).view(b, p, m, nk, dv)
+        pv = torch.matmul(probs, vt)
+        if w_t is not None:
+            pv = pv * w_t
+        if row_max is None:
+            denom = probs.sum(-1, keepdim=True)
+            acc = pv
+        else:
+            alpha = torch.exp(row_max - shift)
+            denom = denom * alpha + probs.sum(-1, keepdim=True)
+            acc = acc * alpha + pv
+        row_max = new_max
+    empty = denom == 0
+    out = acc / denom.masked_fill(empty, 1.0)
+    shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    lse = (shift + torch.log(denom.masked_fill(empty, 1.0))).masked_fill(empty, float("inf"))
+    return out, lse
+
+
+class _RoutedAttention(torch.autograd.Function):
+    """Routed attention with a backward that recomputes each routed region's scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, region_idx, region_weight, key_valid):
+        out, lse = _routed_forward(q, k, v, region_idx, region_weight, key_valid)
+        ctx.save_for_backward(q, k, v, region_idx, region_weight, key_valid, out, lse)
+        ctx.has_weight = region_weight is not None
+        ctx.has_valid = key_valid is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, region_idx, region_weight, key_valid, out, lse = ctx.saved_tensors
+        if not ctx.has_weight:
+            region_weight = None
+        if not ctx.has_valid:
+            key_valid = None
+        b, p, m, _, dq = q.shape
+        nk, dv = k.shape[3], v.shape[4]
+        flat_idx, k_flat, v_flat = _prepare(q, k, v, region_idx)
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1, keepdim=True)  # [B, P, M, Nq, 1]
+        grad_q = torch.zeros_like(q)
+        grad_k = torch.zeros_like(k_flat)
+        grad_v = torch.zeros_like(v_flat)
+        grad_w = None if region_weight is None else torch.zeros_like(region_weight)
+        for t in range(region_idx.shape[-1]):
+            ids = flat_idx[:, :, t].reshape(-1)
+            w_t = _step_weight(region_weight, t, b, p)
+            kt, a, s = _step_scores(
+                q, k_flat, ids, (b, p, m, nk, dq), w_t, _step_valid(key_valid, region_idx, t, b, p)
+            )
+            probs = torch.exp(s - lse)
+            vt = v_flat.index_select(0, ids).view(b, p, m, nk, dv)
+            grad_v_eff = torch.matmul(probs.transpose(-1, -2), grad_out)  # d(w_t * vt)
+            grad_p = torch.matmul(grad_out, vt.transpose(-1, -2))
+            if w_t is not None:
+                grad_p = grad_p * w_t
+            grad_s = probs * (grad_p - delta)
+            if w_t is None:
+                grad_a, grad_vt = grad_s, grad_v_eff
+            else:
+                grad_w[:, :, t] = (grad_v_eff * vt).sum((2, 3, 4)) + (grad_s * a).sum((2, 3, 4))
+                grad_a, grad_vt = grad_s * w_t, grad_v_eff * w_t
+            grad_q += torch.matmul(grad_a, kt)
+            grad_kt = torch.matmul(grad_a.transpose(-1, -2), q)
+            grad_k.index_add_(0, ids, grad_kt.reshape(b * p, m, nk, dq))
+            grad_v.index_add_(0, ids, grad_vt.reshape(b * p, m, nk, dv))
+        return (
+            grad_q,
+            grad_k.view(k.shape),
+            grad_v.view(v.shape),
+            None,
+            grad_w,
+            None,
+        )
+
+
+def routed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    region_idx: Tensor,
+    *,
+    scale: float,
+    region_weight: Tensor | None = None,
+    key_valid: Tensor | None = None,
+) -> Tensor:
+    """Token attention from each query region to the key regions it is routed to.
+
+    Query region ``i`` attends the tokens of key regions ``region_idx[:, i, :]`` with one
+    softmax over all of them, as BiFormer's fine level. The routed keys and values are never
+    gathered into one ``topk``-fold copy.
+
+    Args:
+        q: queries ``[B, P, M, Nq, D]`` (``P`` query regions, ``M`` heads, ``Nq`` tokens each).
+        k: keys ``[B, Pk, M, Nk, D]`` (``Pk`` key regions of ``Nk`` tokens).
+        v: values ``[B, Pk, M, Nk, Dv]``.
+        region_idx: ``[B, P, T]`` integer indices into the ``Pk`` key regions.
+        scale: multiplies ``q`` before the dot products.
+        region_weight: ``[B, P, T]`` soft routing weights; routed region ``t`` then
+            contributes keys and values multiplied by ``region_weight[..., t]`` (BiFormer's
+            ``soft_routing``). Differentiable.
+        key_valid: ``[Pk, Nk]`` bool, ``False`` for keys no query may attend (padding).
+
+    Returns:
+        ``[B, P, M, Nq, Dv]``. A query row with no valid key returns zeros.
+    """
+    if q.dim() != 5 or k.dim() != 5 or v.dim() != 5:
+        raise ValueError(
+            f"q, k, v must be [B, P, M, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if region_idx.dim() != 3 or region_idx.shape[:2] != q.shape[:2]:
+        raise ValueError(f"region_idx must be [B, P, T], got {tuple(region_idx.shape)}")
+    q = q * scale
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, region_weight)
+    )
+    if needs_grad:
+        return _RoutedAttention.apply(q, k, v, region_idx, region_weight, key_valid)
+    return _routed_forward(q, k, v, region_idx, region_weight, key_valid)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class QKVLinear(nn.Module):
+    """Joint projection ``x -> (q, k, v)`` with widths ``(qk_dim, qk_dim, dim)``.
+
+    The single ``qkv`` linear layer keeps BiFormer's parameter names (``qkv.qkv``).
+    """
+
+    def __init__(self, dim: int, qk_dim: int, bias: bool = True):
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.qkv = nn.Linear(dim, qk_dim + qk_dim + dim, bias=bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+
+
+class TopkRouting(nn.Module):
+    """Region-level routing: top-k key regions per query region by mean-feature affinity.
+
+    Args:
+        qk_dim: width of the region descriptors.
+        topk: regions kept per query region.
+        qk_scale: multiplies the affinity logits (default ``qk_dim ** -0.5``).
+        param_routing: pass descriptors through a learnt linear ``emb`` first.
+        diff_routing: let gradients flow into the descriptors (else they are detached).
+    """
+
+    def __init__(
+        self,
+        qk_dim: int,
+        topk: int = 4,
+        qk_scale: float | None = None,
+        param_routing: bool = False,
+        diff_routing: bool = False,
+    ):
+        super().__init__()
+        self.topk = topk
+        self.qk_dim = qk_dim
+        self.scale = qk_scale or qk_dim**-0.5
+        self.diff_routing = diff_routing
+        self.emb = nn.Linear(qk_dim, qk_dim) if param_routing else nn.Identity()
+
+    def forward(
+        self, query: Tensor, key: Tensor, region_valid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``query``, ``key``: ``[B, P, qk_dim]`` region descriptors; ``region_valid``:
+        optional ``[P]`` bool, regions that may be routed to.
+
+        Returns the softmax routing weights and the region indices, both ``[B, P, topk]``.
+        """
+        if not self.diff_routing:
+            query, key = query.detach(), key.detach()
+        query_hat, key_hat = self.emb(query), self.emb(key)
+        logits = (query_hat * self.scale) @ key_hat.transpose(-2, -1)  # [B, P, P]
+        if region_valid is not None:
+            logits = logits.masked_fill(~region_valid, float("-inf"))
+        top_logits, top_idx = torch.topk(logits, k=self.topk, dim=-1)
+        return top_logits.softmax(dim=-1), top_idx
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-Level Routing Attention (BiFormer, Zhu et al., CVPR 2023) on NHWC feature maps.
+
+    Input and output are ``[B, H, W, C]`` with ``C == dim``. The map is cut into
+    ``n_win x n_win`` regions of ``(H / n_win) x (W / n_win)`` tokens. For every region the
+    mean query and mean key route it to ``topk`` regions (:class:`TopkRouting`); each token
+    then attends, with ``num_heads`` heads and scale ``qk_scale or qk_dim ** -0.5``, to all
+    tokens of its routed regions (keys optionally pooled per region by
+    ``kv_downsample_mode``). A depthwise ``side_dwconv`` convolution of the values (LePE) is
+    added and ``wo`` projects the result.
+
+    Constructor arguments, parameter names and shapes follow the official
+    ``ops/bra_legacy.py`` (``qkv.qkv``, ``wo``, ``lepe``, ``router.emb``), so its state dicts
+    load with ``strict=True`` and, on sizes divisible by ``n_win``, the outputs are the
+    official ones. The official ``topk=-1`` / ``-2`` of BiFormer's model configs select a
+    different block (full attention), not this module, and are rejected here.
+
+    Differences from the official module:
+
+    * Memory: the routed keys and values are not gathered into a ``topk``-fold copy; see
+      :func:`routed_attention`. Memory of forward and backward does not grow with ``topk``.
+    * ``auto_pad=True`` on sizes not divisible by ``n_win``: the official module zero-pads
+      the input and lets the padded tokens take part everywhere (their projections equal the
+      ``qkv`` bias). Here padded tokens are left out of the region means used for routing,
+      are never keys in the attention (a region made only of padding is never routed to;
+      pooled keys average or max over real tokens only) and are outside the LePE
+      convolution, which sees the zero padding of a convolution at the image border. The
+      content of the padding therefore has no effect on the output.
+    * ``diff_routing=True`` with ``soft_routing=False`` ("hard" differentiable routing,
+      unimplemented upstream) raises at construction rather than in ``forward``.
+    * ``forward`` returns only the output (no ``ret_attn_mask``).
+
+    Args:
+        dim: channels ``C`` of input, values and output.
+        num_heads: attention heads; divides ``dim`` and ``qk_dim``.
+        n_win: regions per side.
+        qk_dim: width of queries and keys (default ``dim``).
+        qk_scale: attention and routing scale (default ``qk_dim ** -0.5``, as upstream: the
+            full ``qk_dim``, not the head width).
+        kv_per_win: pooled keys per region side for ``"ada_avgpool"`` / ``"ada_maxpool"``.
+        kv_downsample_ratio: pooling window for ``"avgpool"`` / ``"maxpool"``.
+        kv_downsample_kernel: accepted for signature compatibility, unused (as upstream).
+        kv_downsample_mode: ``"identity"`` (BiFormer's models), ``"avgpool"``, ``"maxpool"``,
+            ``"ada_avgpool"`` or ``"ada_maxpool"``.
+        topk: routed regions per query region, ``1 <= topk <= n_win ** 2``.
+        param_attention: ``"qkvo"`` (output projection ``wo``) or ``"qkv"`` (none).
+        param_routing: learnt linear ``router.emb`` on the region descriptors (needs
+            ``diff_routing``).
+        diff_routing: back-propagate through the routing descriptors.
+        soft_routing: scale each routed region's keys and values by its routing weight.
+        side_dwconv: LePE depthwise kernel size; ``0`` disables it.
+        auto_pad: pad sizes not divisible by ``n_win`` (else they raise ``ValueError``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        qk_dim: int | None = None,
+        qk_scale: float | None = None,
+        kv_per_win: int = 4,
+        kv_downsample_ratio: int = 4,
+        kv_downsample_kernel: int | None = None,
+        kv_downsample_mode: str = "identity",
+        topk: int = 4,
+        param_attention: str = "qkvo",
+        param_routing: bool = False,
+        diff_routing: bool = False,
+        soft_routing: bool = False,
+        side_dwconv: int = 3,
+        auto_pad: bool = False,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.n_win = n_win
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim or dim
+        if self.qk_dim % num_heads or dim % num_heads:
+            raise ValueError(
+                f"qk_dim ({self.qk_dim}) and dim ({dim}) must be divisible by num_heads "
+                f"({num_heads})"
+            )
+        if not 1 <= topk <= n_win * n_win:
+            raise ValueError(
+                f"topk must be in [1, n_win**2 = {n_win * n_win}], got {topk} (BiFormer's "
+                "topk=-1/-2 mean a full-attention block instead of this module)"
+            )
+        if param_routing and not diff_routing:
+            raise ValueError("param_routing=True needs diff_routing=True")
+        if diff_routing and not soft_routing:
+            raise ValueError(
+                "diff_routing=True needs soft_routing=True: hard differentiable routing is "
+                "not defined by BiFormer"
+            )
+        if kv_downsample_mode not in _KV_DOWNSAMPLE_MODES:
+            raise ValueError(
+                f"kv_downsample_mode must be one of {_KV_DOWNSAMPLE_MODES}, "
+                f"got {kv_downsample_mode!r}"
+            )
+        if param_attention not in ("qkvo", "qkv"):
+            raise ValueError(f"param_attention must be 'qkvo' or 'qkv', got {param_attention!r}")
+        self.scale = qk_scale or self.qk_dim**-0.5
+        self.topk = topk
+        self.param_routing = param_routing
+        self.diff_routing = diff_routing
+        self.soft_routing = soft_routing
+        self.param_attention = param_attention
+        self.kv_downsample_mode = kv_downsample_mode
+        self.kv_per_win = kv_per_win
+        self.kv_downsample_ratio = kv_downsample_ratio
+        self.kv_downsample_kernel = kv_downsample_kernel
+        self.auto_pad = auto_pad
+
+        self.lepe = (
+            nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+            if side_dwconv > 0
+            else None
+        )
+        self.router = TopkRouting(
+            qk_dim=self.qk_dim,
+            topk=topk,
+            qk_scale=self.scale,
+            param_routing=param_routing,
+            diff_routing=diff_routing,
+        )
+        self.qkv = QKVLinear(dim, self.qk_dim)
+        self.wo = nn.Linear(dim, dim) if param_attention == "qkvo" else nn.Identity()
+        self.kv_down = self._make_kv_down()
+
+    def _make_kv_down(self) -> nn.Module:
+        mode, r = self.kv_downsample_mode, self.kv_downsample_ratio
+        if mode == "ada_avgpool":
+            return nn.AdaptiveAvgPool2d(self.kv_per_win)
+        if mode == "ada_maxpool":
+            return nn.AdaptiveMaxPool2d(self.kv_per_win)
+        if mode == "avgpool" and r > 1:
+            return nn.AvgPool2d(r)
+        if mode == "maxpool" and r > 1:
+            return nn.MaxPool2d(r)
+        return nn.Identity()
+
+    def _to_regions(self, t: Tensor, h: int, w: int) -> Tensor:
+        """``[B, H, W, M * d]`` -> ``[B, P, M, h * w, d]`` (one copy)."""
+        b, n, m = t.shape[0], self.n_win, self.num_heads
+        t = t.reshape(b, n, h, n, w, m, t.shape[-1] // m)
+        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, n * n, m, h * w, -1)
+
+    def _region_means(self, q: Tensor, k: Tensor, valid: Tensor | None, h: int, w: int):
+        """Mean query and key of every region, ``[B, P, qk_dim]``, over real tokens only."""
+        b, n = q.shape[0], self.n_win
+
+        def mean(t: Tensor) -> Tensor:
+            t = t.reshape(b, n, h, n, w, t.shape[-1])
+            if valid is None:
+                return t.mean((2, 4)).reshape(b, n * n, -1)
+            mask = valid.view(1, n, h, n, w, 1).to(t.dtype)
+            count = mask.sum((2, 4)).clamp_min(1.0)
+            return ((t * mask).sum((2, 4)) / count).reshape(b, n * n, -1)
+
+        return mean(q), mean(k)
+
+    def _pooled_keys(self, k: Tensor, v: Tensor, valid: Tensor | None, h: int, w: int):
+        """Keys and values per region, pooled by ``kv_down``, as ``[B, P, M, Nk, d]``, and
+        the ``[P, Nk]`` validity of the pooled keys (``None`` when all are valid)."""
+        b, n, c = k.shape[0], self.n_win, k.shape[-1] + v.shape[-1]
+        if isinstance(self.kv_down, nn.Identity):
+            key_valid = None
+            if valid is not None:
+                key_valid = valid.view(n, h, n, w).permute(0, 2, 1, 3).reshape(n * n, h * w)
+            return self._to_regions(k, h, w), self._to_regions(v, h, w), key_valid
+        kv = torch.cat([k, v], dim=-1).reshape(b, n, h, n, w, c)
+        kv = kv.permute(0, 1, 3, 5, 2, 4).reshape(b * n * n, c, h, w)
+        if valid is None:
+            pooled, key_valid = self.kv_down(kv), None
+        else:
+            mask = valid.view(n, h, n, w).permute(0, 2, 1, 3).reshape(n * n, 1, h, w)
+            mask = mask.repeat(b, 1, 1, 1)
+            # Pool over real tokens only; a pooled cell without one is not a key.
+            if self.kv_downsample_mode.endswith("avgpool"):
+                fraction = self.kv_down(mask.to(kv.dtype))
+                pooled = self.kv_down(kv * mask) / fraction.clamp_min(1e-12)
+                cell_valid = fraction > 0
+            else:
+                pooled = self.kv_down(kv.masked_fill(~mask, float("-inf")))
+                cell_valid = self.kv_down(mask.to(kv.dtype)) > 0
+            pooled = pooled.masked_fill(~cell_valid, 0.0)
+            key_valid = cell_valid[: n * n].reshape(n * n, -1)
+        hk, wk = pooled.shape[-2:]
+        m = self.num_heads
+        pooled = pooled.reshape(b, n * n, c, hk * wk).transpose(-1, -2)
+        k_pix, v_pix = pooled.split([self.qk_dim, self.dim], dim=-1)
+
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(b, n * n, hk * wk, m, -1).transpose(2, 3)
+
+        return heads(k_pix), heads(v_pix), key_valid
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[B, H, W, dim]`` -> ``[B, H, W, dim]``."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected NHWC input [B, H, W, {self.dim}], got {tuple(x.shape)}")
+        b, h_in, w_in, _ = x.shape
+        n = self.n_win
+        pad_b, pad_r = (-h_in) % n, (-w_in) % n
+        if pad_b or pad_r:
+            if not self.auto_pad:
+                raise ValueError(
+                    f"H={h_in} and W={w_in} must be divisible by n_win={n} (or use auto_pad=True)"
+                )
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+            valid = torch.zeros(h_in + pad_b, w_in + pad_r, dtype=torch.bool, device=x.device)
+            valid[:h_in, :w_in] = True
+        else:
+            valid = None
+        hh, ww = x.shape[1] // n, x.shape[2] // n  # region size
+        q, k, v = self.qkv(x)
+
+        q_win, k_win = self._region_means(q, k, valid, hh, ww)
+        region_valid = None if valid is None else valid.view(n, hh, n, ww).any(3).any(1).flatten()
+        r_weight, r_idx = self.router(q_win, k_win, region_valid)
+
+        k_pix, v_pix, key_valid = self._pooled_keys(k, v, valid, hh, ww)
+        out = routed_attention(
+            self._to_regions(q, hh, ww),
+            k_pix,
+            v_pix,
+            r_idx,
+            scale=self.scale,
+            region_weight=r_weight if self.soft_routing else None,
+            key_valid=key_valid,
+        )  # [B, P, M, hh * ww, dim / M]
+        out = out.reshape(b, n, n, self.num_heads, hh, ww, -1).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(b, n * hh, n * ww, self.dim)[:, :h_in, :w_in]
+
+        if self.lepe is not None:
+            v_img = v[:, :h_in, :w_in].permute(0, 3, 1, 2)
+            out = out + self.lepe(v_img).permute(0, 2, 3, 1)
+        return self.wo(out)

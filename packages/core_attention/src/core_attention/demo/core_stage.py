@@ -144,7 +144,10 @@ def run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="core",
     title="core_attention: global vs blocked local attention",
-    description=__doc__.strip().splitlines()[0],
+    description=(
+        "Where patches of a photograph attend: global attention sees the whole image, "
+        "HaloNet-style blocked local attention only a window around each block."
+    ),
     run=run,
     order=0,
 )

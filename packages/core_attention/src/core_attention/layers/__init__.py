@@ -3,4 +3,22 @@
 Each module's docstring names its paper and the tensor shapes it takes and returns.
 """
 
-__all__: list[str] = []
+from core_attention.layers.attention_gate import AttentionGate
+from core_attention.layers.attentive_pooling import AttentiveStatisticsPooling
+from core_attention.layers.multi_condition import MultiConditionCrossAttention
+from core_attention.layers.multi_head import MultiHeadAttention
+from core_attention.layers.rotary import RotaryEmbedding, apply_rotary
+from core_attention.layers.squeeze_excite import SqueezeExcitation1d, SqueezeExcitation2d
+from core_attention.layers.time_frequency import TimeFrequencyAttention
+
+__all__ = [
+    "AttentionGate",
+    "AttentiveStatisticsPooling",
+    "MultiConditionCrossAttention",
+    "MultiHeadAttention",
+    "RotaryEmbedding",
+    "SqueezeExcitation1d",
+    "SqueezeExcitation2d",
+    "TimeFrequencyAttention",
+    "apply_rotary",
+]

@@ -117,8 +117,10 @@ def test_gradcheck():
     text = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     image = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
     lengths = {"text": torch.tensor([4, 1])}
+    masks = {"image": torch.tensor([[True, False], [False, True], [True, True]])}
     assert torch.autograd.gradcheck(
-        lambda a, t, i: m(a, {"text": t, "image": i}, key_lengths=lengths), (x, text, image)
+        lambda a, t, i: m(a, {"text": t, "image": i}, key_lengths=lengths, attn_masks=masks),
+        (x, text, image),
     )
     assert torch.autograd.gradcheck(lambda a, t: m(a, {"text": t}), (x[:1], text[:1]))
 

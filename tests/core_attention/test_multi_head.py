@@ -202,6 +202,14 @@ def test_gradcheck_self_and_cross():
     assert torch.autograd.gradcheck(lambda t: m(t, key_lengths=kl, causal=True, rope=rope), (x,))
     mask = torch.tensor([[True, False, True]])
     assert torch.autograd.gradcheck(lambda t, c: m(t, c, attn_mask=mask), (x, ctx))
+    rms = MultiHeadAttention(8, 2, qk_norm="rms", head_dim=3).double()
+    additive = torch.randn(5, 3, dtype=torch.float64)
+    rope_ctx = RotaryEmbedding(2).double()(torch.arange(3))
+    rope_q = RotaryEmbedding(2).double()(torch.arange(5))
+    assert torch.autograd.gradcheck(
+        lambda t, c: rms(t, c, attn_mask=additive, rope=rope_q, rope_context=rope_ctx),
+        (x, ctx),
+    )
 
 
 def test_dropout_only_in_training():

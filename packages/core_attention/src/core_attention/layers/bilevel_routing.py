@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["BiLevelRoutingAttention", "QKVLinear", "TopkRouting", "routed_attention"]
 
@@ -79,25 +80,25 @@ def _routed_forward(q, k, v, region_idx, region_weight, key_valid):
         s_max = s.amax(-1, keepdim=True)
         new_max = s_max if row_max is None else torch.maximum(row_max, s_max)
         # A row whose keys are all masked so far has max -inf; shift by 0 there (exp -> 0).
-        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-        probs = s.sub_(shift).exp_()  # runs without autograd: reuse the score buffer
+        shift = new_max if key_valid is None else new_max.nan_to_num(neginf=0.0)
+        # No autograd runs here: update the buffers in place.
+        probs = s.sub_(shift).exp_()
         vt = v_flat.index_select(0, ids).view(b, p, m, nk, dv)
         pv = torch.matmul(probs, vt)
         if w_t is not None:
-            pv = pv * w_t
+            pv.mul_(w_t)
         if row_max is None:
             denom = probs.sum(-1, keepdim=True)
             acc = pv
         else:
-            alpha = torch.exp(row_max - shift)
-            denom = denom * alpha + probs.sum(-1, keepdim=True)
-            acc = acc * alpha + pv
+            alpha = (row_max - shift).exp_()
+            denom.mul_(alpha).add_(probs.sum(-1, keepdim=True))
+            acc.mul_(alpha).add_(pv)
         row_max = new_max
     empty = denom == 0
-    out = acc / denom.masked_fill(empty, 1.0)
-    shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    lse = (shift + torch.log(denom.masked_fill(empty, 1.0))).masked_fill(empty, float("inf"))
-    return out, lse
+    denom = denom.masked_fill(empty, 1.0)
+    lse = (row_max.nan_to_num(neginf=0.0) + denom.log()).masked_fill(empty, float("inf"))
+    return acc.div_(denom), lse
 
 
 class _RoutedAttention(torch.autograd.Function):
@@ -112,13 +113,14 @@ class _RoutedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, region_idx, region_weight, key_valid, out, lse = ctx.saved_tensors
         if not ctx.has_weight:
             region_weight = None
         if not ctx.has_valid:
             key_valid = None
-        b, p, m, _, dq = q.shape
+        b, p, m, nq, dq = q.shape
         nk, dv = k.shape[3], v.shape[4]
         flat_idx, k_flat, v_flat = _prepare(q, k, v, region_idx)
         grad_out = grad_out.contiguous()
@@ -133,22 +135,23 @@ class _RoutedAttention(torch.autograd.Function):
             kt, a, s = _step_scores(
                 q, k_flat, ids, (b, p, m, nk, dq), w_t, _step_valid(key_valid, region_idx, t, b, p)
             )
-            probs = torch.exp(s - lse)
+            # Backward builds no graph (once_differentiable): work in place on fresh buffers.
+            probs = s.sub_(lse).exp_()
             vt = v_flat.index_select(0, ids).view(b, p, m, nk, dv)
             grad_v_eff = torch.matmul(probs.transpose(-1, -2), grad_out)  # d(w_t * vt)
             grad_p = torch.matmul(grad_out, vt.transpose(-1, -2))
             if w_t is not None:
-                grad_p = grad_p * w_t
-            grad_s = probs * (grad_p - delta)
+                grad_p.mul_(w_t)
+            grad_s = grad_p.sub_(delta).mul_(probs)
             if w_t is None:
                 grad_a, grad_vt = grad_s, grad_v_eff
             else:
                 grad_w[:, :, t] = (grad_v_eff * vt).sum((2, 3, 4)) + (grad_s * a).sum((2, 3, 4))
-                grad_a, grad_vt = grad_s * w_t, grad_v_eff * w_t
-            grad_q += torch.matmul(grad_a, kt)
+                grad_a, grad_vt = grad_s.mul_(w_t), grad_v_eff.mul_(w_t)
+            grad_q.view(-1, nq, dq).baddbmm_(grad_a.view(-1, nq, nk), kt.view(-1, nk, dq))
             grad_kt = torch.matmul(grad_a.transpose(-1, -2), q)
-            grad_k.index_add_(0, ids, grad_kt.reshape(b * p, m, nk, dq))
-            grad_v.index_add_(0, ids, grad_vt.reshape(b * p, m, nk, dv))
+            grad_k.index_add_(0, ids, grad_kt.view(b * p, m, nk, dq))
+            grad_v.index_add_(0, ids, grad_vt.view(b * p, m, nk, dv))
         return (
             grad_q,
             grad_k.view(k.shape),

@@ -394,3 +394,7 @@ def register(cli) -> None:
                 "--out", default=None, help="write a calibrated copy here (default: update --model)"
             )
             s.set_defaults(func=_run(cmd_calibrate))
+
+    from attn_speech.ecapa.train import register as register_train
+
+    register_train(sub, _run)

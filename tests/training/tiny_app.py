@@ -24,8 +24,9 @@ from attn_training.rng import seed_everything
 class TinyMLP(PretrainedMixin, nn.Module):
     """Two linear layers."""
 
-    def __init__(self, in_features: int = 8, hidden: int = 16, out_features: int = 1,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int = 8, hidden: int = 16, out_features: int = 1, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Dropout(dropout))
         self.head = nn.Linear(hidden, out_features)
@@ -35,10 +36,17 @@ class TinyMLP(PretrainedMixin, nn.Module):
 
 
 class Synthetic(Dataset):
-    """``y = w·x + noise`` (``w`` fixed, ``x`` from ``seed``); ``augment`` jitters ``x`` per read."""
+    """``y = w·x + noise``, ``w`` fixed, ``x`` drawn from ``seed``; ``augment`` jitters ``x``."""
 
-    def __init__(self, n: int = 64, *, seed: int = 123, augment: bool = False,
-                 bad: tuple[int, ...] = (), nan: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        n: int = 64,
+        *,
+        seed: int = 123,
+        augment: bool = False,
+        bad: tuple[int, ...] = (),
+        nan: tuple[int, ...] = (),
+    ) -> None:
         w = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 8, generator=g)
@@ -82,8 +90,9 @@ def _indices(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiny-app train")
-    add_train_arguments(parser, batch_size=4, lr=1e-2, save_every=5, num_workers=0,
-                        log_every=1, progress=False)
+    add_train_arguments(
+        parser, batch_size=4, lr=1e-2, save_every=5, num_workers=0, log_every=1, progress=False
+    )
     parser.add_argument("--n-samples", type=int, default=64, help="dataset size")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     parser.add_argument("--augment", action="store_true", help="random input noise")

@@ -314,7 +314,14 @@ def _rebuild_dataclasses(cls: type, config: dict[str, Any]) -> dict[str, Any]:
         return config
     out = dict(config)
     for name, value in config.items():
-        hint = hints.get(name)
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            out[name] = hint(**value)
+        kind = _dataclass_type(hints.get(name))
+        if kind is not None and isinstance(value, dict):
+            out[name] = kind(**value)
     return out
+
+
+def _dataclass_type(hint: Any) -> type | None:
+    """The dataclass named by an annotation, also inside ``X | None``."""
+    candidates = typing.get_args(hint) or (hint,)
+    found = [c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    return found[0] if len(found) == 1 else None

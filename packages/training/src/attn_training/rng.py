@@ -66,9 +66,10 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
             float(state["numpy.gauss"].item()),
         )
     )
-    torch.set_rng_state(state["torch.cpu"])
+    # set_rng_state reads the storage from its start: a row of a stacked tensor must be copied.
+    torch.set_rng_state(state["torch.cpu"].clone())
     if "torch.cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch.cuda"])
+        torch.cuda.set_rng_state(state["torch.cuda"].clone())
 
 
 @contextlib.contextmanager

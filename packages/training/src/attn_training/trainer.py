@@ -580,7 +580,9 @@ class Trainer:
 
         if acc.is_main_process:
             record = {**cfg.to_json(), "world_size": acc.num_processes, "total_steps": total}
-            (cfg.output_dir / CONFIG_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            (cfg.output_dir / CONFIG_RECORD).write_text(
+                json.dumps(record, indent=2, default=str) + "\n"
+            )
         metrics = MetricsLogger(cfg.output_dir, start_step=state.step, enabled=acc.is_main_process)
         stream = BatchStream(
             self.train_dataset,

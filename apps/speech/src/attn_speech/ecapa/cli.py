@@ -30,11 +30,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_any_model(spec: str, device: torch.device, log=sys.stderr):
+def load_any_model(spec: str, device: torch.device, log=None):
     """Our checkpoint folder, a SpeechBrain folder (imported in memory) or ``builtin``."""
     from attn_speech.ecapa.speaker import load_model
     from attn_speech.ecapa.speechbrain_import import import_speechbrain
 
+    log = sys.stderr if log is None else log
     path = builtin_model_path() if spec == BUILTIN else Path(spec)
     if spec == BUILTIN and not (path / "config.json").is_file():
         raise FileNotFoundError("this install ships no built-in model; pass --model")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def score_trials(
     cohort: list[Path] | None = None,
     top_k: int = 200,
     progress: bool = True,
-    log=sys.stderr,
+    log=None,
 ) -> TrialScores:
     """Cosine score of every trial; with ``cohort`` files also AS-norm scores."""
     files = sorted({t.enroll for t in trials} | {t.test for t in trials})

@@ -90,8 +90,9 @@ class Embedder:
         return batches
 
     def embed_files(
-        self, paths: Sequence[str | Path], progress: bool = True, log=sys.stderr
+        self, paths: Sequence[str | Path], progress: bool = True, log=None
     ) -> EmbedResult:
+        log = sys.stderr if log is None else log
         paths = [Path(p) for p in paths]
         durations = [_duration(p) for p in paths]
         order = sorted(range(len(paths)), key=lambda i: durations[i])
@@ -113,8 +114,7 @@ class Embedder:
                 for i, item in zip(batch, loaded):
                     if isinstance(item, AudioError):
                         errors[i] = item.problem
-                        if log is not None:
-                            print(f"skipped {item}", file=log)
+                        print(f"skipped {item}", file=log)
                     else:
                         good.append((i, item))
                 if good:

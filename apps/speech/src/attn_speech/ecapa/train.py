@@ -126,10 +126,11 @@ def _speeds(text: str) -> tuple[float, ...]:
     return speeds
 
 
-def build_model(args, labels: list[str], log=sys.stderr) -> tuple[EcapaSpeaker, bool]:
+def build_model(args, labels: list[str], log=None) -> tuple[EcapaSpeaker, bool]:
     """The model to train and whether its weights came from ``--init-from`` here."""
     from attn_speech.ecapa.cli import load_any_model
 
+    log = sys.stderr if log is None else log
     init = Path(args.init_from) if args.init_from else None
     if init is not None and (
         (init / "config.json").is_file() or (init / "hyperparams.yaml").is_file()

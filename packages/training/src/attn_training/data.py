@@ -77,7 +77,7 @@ class SafeDataset(Dataset):
         # In a worker the generators belong to us; in the main process they are the
         # training stream's and must come back unchanged.
         try:
-            with isolated_rng(seed, restore=get_worker_info() is None):
+            with isolated_rng(seed, restore=get_worker_info() is None, cuda=False):
                 return self.dataset[index]
         except Exception as exc:
             return BadSample(index, describe_sample(self.dataset, index), _one_line(exc))

@@ -18,11 +18,14 @@ import torch
 _MASK63 = (1 << 63) - 1
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and all GPUs)."""
+def seed_everything(seed: int, *, cuda: bool = True) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU, and GPUs if ``cuda``)."""
     random.seed(seed)
     np.random.seed(seed % (1 << 32))  # noqa: NPY002
-    torch.manual_seed(seed)
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def derive_seed(*keys: int) -> int:
@@ -31,8 +34,11 @@ def derive_seed(*keys: int) -> int:
     return ((int(state[0]) << 32) | int(state[1])) & _MASK63
 
 
-def capture_rng_state() -> dict[str, torch.Tensor]:
-    """The state of every generator this process uses, as CPU tensors."""
+def capture_rng_state(*, cuda: bool = True) -> dict[str, torch.Tensor]:
+    """The state of every generator this process uses, as CPU tensors.
+
+    With ``cuda`` the current GPU's generator is included (if CUDA is in use).
+    """
     version, py_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     assert kind == "MT19937"
@@ -46,7 +52,7 @@ def capture_rng_state() -> dict[str, torch.Tensor]:
         "numpy.gauss": torch.tensor([cached], dtype=torch.float64),
         "torch.cpu": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch.cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -73,16 +79,19 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def isolated_rng(seed: int | None = None, *, restore: bool = True) -> Iterator[None]:
+def isolated_rng(
+    seed: int | None = None, *, restore: bool = True, cuda: bool = True
+) -> Iterator[None]:
     """Run a block with its own random state, optionally seeded from ``seed``.
 
     With ``restore=True`` the generators of the process are put back afterwards, so the
-    block neither sees nor disturbs the surrounding random stream.
+    block neither sees nor disturbs the surrounding random stream. ``cuda=False`` leaves
+    the GPU generator out (for CPU-only work such as loading a sample).
     """
-    saved = capture_rng_state() if restore else None
+    saved = capture_rng_state(cuda=cuda) if restore else None
     try:
         if seed is not None:
-            seed_everything(seed)
+            seed_everything(seed, cuda=cuda)
         yield
     finally:
         if saved is not None:

@@ -1,0 +1,124 @@
+"""The selective scan of Mamba (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with
+Selective State Spaces", Algorithm 2 / S6) in plain PyTorch.
+
+For every channel ``d`` and state ``n``::
+
+    h_t = exp(delta_t * A[d, n]) * h_{t-1} + delta_t * B_t[n] * u_t
+    y_t = sum_n C_t[n] * h_t[n] + D[d] * u_t      (then y_t * silu(z_t) when z is given)
+
+:func:`selective_scan` is the entry point; ``backend`` picks an implementation from
+:data:`BACKENDS` (``"sequential"``: a step-by-step loop, the reference; ``"chunked"``: chunks
+of the sequence scanned in parallel with a Hillis-Steele doubling scan, the state carried
+from chunk to chunk). A GPU kernel registers itself in :data:`BACKENDS` under a new name
+and becomes available to every caller.
+
+Shapes: ``u``, ``delta``, ``z`` ``[B, D, L]``; ``A`` ``[D, N]``; ``B``, ``C`` ``[B, N, L]``;
+``D`` ``[D]``; ``delta_bias`` ``[D]``; returns ``[B, D, L]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BACKENDS", "scan_chunked", "scan_sequential", "selective_scan"]
+
+ScanFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
+
+
+def scan_sequential(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """``sum_n C_t h_t`` by the recurrence, one step at a time (memory ``O(B D N)``)."""
+    b, d, length = u.shape
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for t in range(length):
+        dt = delta[:, :, t, None]
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, dim=-1)
+
+
+def scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """The same recurrence, ``chunk`` steps at a time.
+
+    Inside a chunk the pairs ``(a_t, b_t) = (exp(delta_t A), delta_t B_t u_t)`` are combined
+    by the associative operator ``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)`` in
+    ``log2(chunk)`` doubling steps; every factor is a decay in ``(0, 1]``, so no
+    exponential can overflow. Memory is ``O(B D N chunk)`` whatever the length.
+    """
+    b, d, length = u.shape
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        dt = delta[:, :, start:stop, None]  # [B, D, K, 1]
+        a = torch.exp(dt * A[:, None, :])  # [B, D, K, N]
+        x = dt * B[:, None, :, start:stop].transpose(-1, -2) * u[:, :, start:stop, None]
+        k = stop - start
+        step = 1
+        while step < k:
+            x = torch.cat([x[:, :, :step], x[:, :, step:] + a[:, :, step:] * x[:, :, :-step]], 2)
+            a = torch.cat([a[:, :, :step], a[:, :, step:] * a[:, :, :-step]], 2)
+            step *= 2
+        hs = x + a * h[:, :, None, :]  # [B, D, K, N]
+        ys.append((hs * C[:, None, :, start:stop].transpose(-1, -2)).sum(-1))
+        h = hs[:, :, -1]
+    return torch.cat(ys, dim=-1)
+
+
+BACKENDS: dict[str, ScanFn] = {"sequential": scan_sequential, "chunked": scan_chunked}
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mamba's selective scan (the signature of ``mamba_ssm.selective_scan_fn``).
+
+    ``backend``: ``"auto"`` (the chunked scan), or any key of :data:`BACKENDS`.
+    """
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(
+            f"u and delta must both be [B, D, L], got {tuple(u.shape)}, {tuple(delta.shape)}"
+        )
+    bsz, d, length = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be [D={d}, N], got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (bsz, n, length):
+            raise ValueError(f"{name} must be [{bsz}, {n}, {length}], got {tuple(t.shape)}")
+    name = "chunked" if backend == "auto" else backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    y = BACKENDS[name](u, delta, A, B, C)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y

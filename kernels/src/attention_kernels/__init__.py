@@ -15,7 +15,8 @@ __all__ = ["available_kernels", "interpreter_enabled", "triton_status"]
 __version__ = "0.1.0"
 
 # Names of the kernels this package provides; each issue that adds one registers it here.
-_KERNELS: tuple[str, ...] = ()
+# "dense_attention": FlashAttention-2 forward/backward (attention_kernels.flash_attention).
+_KERNELS: tuple[str, ...] = ("dense_attention",)
 
 
 def interpreter_enabled() -> bool:

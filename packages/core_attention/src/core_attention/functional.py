@@ -77,7 +77,16 @@ def triton_unsupported_reason(
         return why
     if "dense_attention" not in attention_kernels.available_kernels():
         return "attention_kernels provides no dense attention kernel in this install"
-    return "unreachable"  # replaced when the dense kernel lands
+    if attn_mask is not None:
+        return (
+            "attn_mask is not supported by the Triton kernel "
+            "(use key_lengths for padding and causal=True for causal masking)"
+        )
+    if dropout_p != 0.0:
+        return f"dropout_p={dropout_p} is not supported by the Triton kernel (only 0.0)"
+    from attention_kernels.flash_attention import unsupported_reason
+
+    return unsupported_reason(q, k, v, key_lengths=key_lengths)
 
 
 def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -192,8 +201,10 @@ def attention(
             key_lengths=key_lengths,
         )
         chosen = backends.resolve(backend, why)
-    if chosen == "triton":  # pragma: no cover - no dense Triton kernel in this install yet
-        raise backends.BackendUnavailableError("dense Triton attention is not installed")
+    if chosen == "triton":
+        from attention_kernels.flash_attention import flash_attn_func
+
+        return flash_attn_func(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths)
     if k.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     return _torch_attention(q, k, v, attn_mask, causal, scale, dropout_p, key_lengths)

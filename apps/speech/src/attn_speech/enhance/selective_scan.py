@@ -50,7 +50,7 @@ def scan_chunked(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    chunk: int = 64,
+    chunk: int = 16,
 ) -> torch.Tensor:
     """The same recurrence, ``chunk`` steps at a time.
 

@@ -24,6 +24,7 @@ def cmd_make_speakers(args) -> int:
             speakers=args.speakers,
             utterances=args.utterances,
             test_speakers=args.test_speakers,
+            dev_speakers=args.dev_speakers,
             seed=args.seed,
             overwrite=args.overwrite,
             workers=args.workers,
@@ -35,7 +36,7 @@ def cmd_make_speakers(args) -> int:
     print(
         f"{s['speakers']} speakers x {s['utterances_per_speaker']} utterances "
         f"({60 * s['hours']:.1f} min) -> {args.out}: manifest.csv, train.csv, test.csv "
-        f"({len(s['test_speakers'])} test speakers), trials.txt "
+        f"({len(s['test_speakers'])} test, {len(s['dev_speakers'])} dev speakers), trials.txt "
         f"({s['trials']['target']} target / {s['trials']['nontarget']} non-target)"
     )
     return 0
@@ -50,6 +51,12 @@ def _register_make_data(cli: AppCommandLine) -> None:
     s.add_argument("--utterances", type=int, default=8, help="utterances per voice (default: 8)")
     s.add_argument(
         "--test-speakers", type=int, default=10, help="held-out voices for trials (default: 10)"
+    )
+    s.add_argument(
+        "--dev-speakers",
+        type=int,
+        default=0,
+        help="voices held out for validation/calibration: dev.csv, dev_trials.txt (default: 0)",
     )
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--workers", type=int, default=2, help="parallel espeak-ng calls (default: 2)")

@@ -3,8 +3,8 @@
 Each speaker is one espeak-ng voice: an English accent, a voice variant, a base pitch and a
 base rate. Each utterance is a different generated sentence, with the pitch, rate, word
 gap and loudness jittered around the speaker's values, resampled to 16 kHz. The corpus
-comes with a manifest, a speaker-disjoint train/test split and a VoxCeleb-format trial list
-on the test speakers.
+comes with a manifest, a speaker-disjoint train/(dev/)test split and VoxCeleb-format
+trial lists on the held-out speakers.
 """
 
 from __future__ import annotations
@@ -264,17 +264,27 @@ def make_speaker_corpus(
     speakers: int = 40,
     utterances: int = 8,
     test_speakers: int = 10,
+    dev_speakers: int = 0,
     seed: int = 0,
     overwrite: bool = False,
     workers: int = 2,
     progress: bool = True,
 ) -> dict:
-    """Write the corpus to ``out``; returns its summary (also in ``out/corpus.json``)."""
+    """Write the corpus to ``out``; returns its summary (also in ``out/corpus.json``).
+
+    Speakers are split three ways, disjointly: ``test_speakers`` (``test.csv``,
+    ``trials.txt``), ``dev_speakers`` (``dev.csv``, ``dev_trials.txt``; for validation and
+    calibration) and the rest (``train.csv``).
+    """
     out = Path(out)
     if speakers < 2 or utterances < 2:
         raise ValueError("need at least 2 speakers and 2 utterances per speaker")
     if not 2 <= test_speakers < speakers:
         raise ValueError(f"test speakers must be in [2, {speakers - 1}], got {test_speakers}")
+    if dev_speakers and not 2 <= dev_speakers < speakers - test_speakers:
+        raise ValueError(
+            f"dev speakers must be 0 or in [2, {speakers - test_speakers - 1}], got {dev_speakers}"
+        )
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
@@ -283,7 +293,10 @@ def make_speaker_corpus(
         raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
     voices = make_voices(speakers, seed)
     rng = random.Random(seed + 1)
-    test_ids = set(rng.sample([v.spk_id for v in voices], test_speakers))
+    order = rng.sample([v.spk_id for v in voices], len(voices))
+    split_of = dict.fromkeys(order, "train")
+    split_of.update(dict.fromkeys(order[:test_speakers], "test"))
+    split_of.update(dict.fromkeys(order[test_speakers : test_speakers + dev_speakers], "dev"))
     jobs = []
     for v in voices:
         for u in range(utterances):
@@ -303,29 +316,29 @@ def make_speaker_corpus(
             tqdm(pool.map(run, jobs), total=len(jobs), desc="espeak-ng", disable=not progress)
         )
     header = ["ID", "wav", "spk_id", "duration"]
-    rows = {"train": [], "test": []}
+    rows: dict[str, list] = {"train": [], "dev": [], "test": []}
     for (v, rel, _, _), dur in zip(jobs, durations):
-        split = "test" if v.spk_id in test_ids else "train"
-        rows[split].append([Path(rel).stem, rel, v.spk_id, f"{dur:.3f}"])
-    for name, body in (
-        ("manifest.csv", rows["train"] + rows["test"]),
-        ("train.csv", rows["train"]),
-        ("test.csv", rows["test"]),
-    ):
+        rows[split_of[v.spk_id]].append([Path(rel).stem, rel, v.spk_id, f"{dur:.3f}"])
+    lists = [("manifest.csv", rows["train"] + rows["dev"] + rows["test"])]
+    lists += [(f"{split}.csv", body) for split, body in rows.items() if body]
+    for name, body in lists:
         with open(out / name, "w", newline="") as f:
             csv.writer(f).writerows([header, *body])
     with open(out / "speakers.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["spk_id", "accent", "variant", "pitch", "rate", "split"])
         for v in voices:
-            split = "test" if v.spk_id in test_ids else "train"
-            w.writerow([v.spk_id, v.accent, v.variant, v.pitch, v.rate, split])
+            w.writerow([v.spk_id, v.accent, v.variant, v.pitch, v.rate, split_of[v.spk_id]])
     trials = make_trials([(r[2], r[1]) for r in rows["test"]], random.Random(seed + 2))
     (out / "trials.txt").write_text("".join(f"{lab} {a} {b}\n" for lab, a, b in trials))
+    if rows["dev"]:
+        dev = make_trials([(r[2], r[1]) for r in rows["dev"]], random.Random(seed + 3))
+        (out / "dev_trials.txt").write_text("".join(f"{lab} {a} {b}\n" for lab, a, b in dev))
     summary = {
         "speakers": speakers,
         "utterances_per_speaker": utterances,
-        "test_speakers": sorted(test_ids),
+        "test_speakers": sorted(k for k, v in split_of.items() if v == "test"),
+        "dev_speakers": sorted(k for k, v in split_of.items() if v == "dev"),
         "seed": seed,
         "sample_rate": SAMPLE_RATE,
         "hours": round(sum(durations) / 3600, 4),

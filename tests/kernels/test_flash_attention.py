@@ -39,8 +39,11 @@ def interpreter(monkeypatch):
 
 @pytest.fixture
 def compiled(monkeypatch):
+    """Compiled kernels on CUDA with the first config of each list (one compile per variant
+    instead of autotuning; test_gpu_every_config covers the other configs)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv(fa.POISON_ENV, "1")
+    monkeypatch.setenv(fa.CONFIG_ENV, "0")
     monkeypatch.delenv("CORE_ATTENTION_BACKEND", raising=False)
 
 
@@ -106,7 +109,8 @@ def check_against_reference(q, k, v, *, causal, scale=None, key_lengths=None, to
     ref, _ = reference(q64, k64, v64, causal=causal, scale=scale, key_lengths=key_lengths)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.to(torch.float64))
 
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+    outputs = (t.detach() for t in (out, *grads))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), outputs, (ref.detach(), *ref_grads)):
         assert got.shape == want.shape, name
         assert got.dtype == q.dtype, name
         assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) or non-finite elements"
@@ -147,7 +151,8 @@ def test_matches_float64_reference(interpreter, length, causal, gqa, key_lengths
     q, k, v = make_inputs(2, h, h_kv, nq, nk, d)
     lengths = None
     if key_lengths:
-        lengths = torch.tensor([nk, int(torch.randint(1, nk + 1, ()))])
+        # Item 0's length exceeds Nk (the kernel clamps it); item 1 masks a random tail.
+        lengths = torch.tensor([nk + 3, int(torch.randint(1, nk + 1, ()))])
     check_against_reference(q, k, v, causal=causal, key_lengths=lengths, tol=1e-3)
 
 
@@ -317,6 +322,14 @@ def test_autotune_pruning_picks_the_architecture_list(monkeypatch):
                 for key in ("BLOCK_M", "BLOCK_N"):
                     size = config.kwargs[key]
                     assert size >= 16 and size & (size - 1) == 0
+            # ATTENTION_KERNELS_CONFIG=i picks the i-th of the same list, clamped to its last.
+            meta = {"BLOCK_D": block, "BLOCK_DV": block}
+            for index in (0, 1, 99):
+                monkeypatch.setenv(fa.CONFIG_ENV, str(index))
+                forced = fa._tuned(mod, name, q, meta)
+                assert forced.config is kept[min(index, len(kept) - 1)]
+            monkeypatch.delenv(fa.CONFIG_ENV)
+            assert fa._tuned(mod, name, q, meta) is kernel
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
@@ -354,6 +367,25 @@ def test_gpu_bfloat16_matches_float64(compiled, b, h, h_kv, nq, nk, d, causal, w
         pytest.skip(reason)
     lengths = torch.tensor([nk, nk // 3 + 1], device="cuda") if with_lengths else None
     check_against_reference(q, k, v, causal=causal, key_lengths=lengths, tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_every_config(compiled, monkeypatch, index, d):
+    """Each autotuning config of this GPU's lists (the index is clamped to a list's last),
+    on uneven lengths with causal masking, GQA and key lengths: every masked path."""
+    monkeypatch.setenv(fa.CONFIG_ENV, str(index))
+    q, k, v = (t.cuda() for t in make_inputs(2, 4, 2, 777, 1000, d, dtype=torch.bfloat16))
+    lengths = torch.tensor([1000, 333], device="cuda")
+    check_against_reference(q, k, v, causal=True, key_lengths=lengths, tol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned(monkeypatch, compiled):
+    monkeypatch.setenv(fa.CONFIG_ENV, "auto")
+    q, k, v = (t.cuda() for t in make_inputs(2, 8, 2, 2048, 2048, 128, dtype=torch.bfloat16))
+    check_against_reference(q, k, v, causal=False, tol=1e-2)
 
 
 @pytest.mark.gpu

@@ -26,7 +26,9 @@ The ops are ``torch.ops.attention_kernels.flash_attn_fwd`` (returns ``(out, lse)
 implementations, so ``torch.compile`` traces through them without graph breaks.
 
 Set ``ATTENTION_KERNELS_POISON=1`` to allocate every output NaN-filled instead of
-uninitialised (tests use it to catch elements a kernel never writes).
+uninitialised (tests use it to catch elements a kernel never writes), and
+``ATTENTION_KERNELS_CONFIG=<i>`` to skip autotuning and run the i-th config of each kernel's
+list for the device (tests use it to check every config, and to save compile time).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = ["MAX_HEAD_DIM", "flash_attn_func", "unsupported_reason"]
 
 MAX_HEAD_DIM = 256
 POISON_ENV = "ATTENTION_KERNELS_POISON"
+CONFIG_ENV = "ATTENTION_KERNELS_CONFIG"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory per block that the head-dim-256 configurations were sized for.
 _BIG_HEAD_SMEM = 160 * 1024
@@ -159,6 +162,27 @@ def _common_meta(q, k, v, key_lengths, causal):
     }
 
 
+def _tuned(kern, kernel: str, q: torch.Tensor, meta: dict):
+    """The autotuned kernel, or with ``ATTENTION_KERNELS_CONFIG=i`` the i-th config of the
+    list autotuning would choose from (clamped to its last), without benchmarking."""
+    tuned = {"fwd": kern._attn_fwd, "dkdv": kern._attn_bwd_dkdv, "dq": kern._attn_bwd_dq}[kernel]
+    choice = os.environ.get(CONFIG_ENV, "auto")
+    if choice == "auto" or interpreter_enabled():
+        return tuned
+    configs = kern._pruner(kernel)(tuned.configs, {"Q": q}, **meta)
+    config = configs[min(int(choice), len(configs) - 1)]
+    # tuned.fn is the kernel below the autotuner (with its heuristics, if any).
+    return _WithConfig(tuned.fn, config)
+
+
+class _WithConfig:
+    def __init__(self, fn, config):
+        self.fn, self.config = fn, config
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **self.config.all_kwargs())
+
+
 def launch_forward(q, k, v, out, lse, key_lengths, causal: bool, scale: float) -> None:
     """Run the forward kernel into preallocated ``out [B, H, Nq, Dv]`` and ``lse [B, H, Nq]``
     (float32, contiguous). Inputs need stride 1 in their last dimension."""
@@ -167,15 +191,15 @@ def launch_forward(q, k, v, out, lse, key_lengths, causal: bool, scale: float) -
     if _grid_empty(b, h, nq):
         return
     kern = _kernels()
+    meta = _common_meta(q, k, v, key_lengths, causal)
 
-    def grid(meta):
-        return (_cdiv(nq, meta["BLOCK_M"]), b * h)
+    def grid(m):
+        return (_cdiv(nq, m["BLOCK_M"]), b * h)
 
-    kern._attn_fwd[grid](
+    _tuned(kern, "fwd", q, meta)[grid](
         q, k, v, out, lse, key_lengths, scale * math.log2(math.e),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        h, h // h_kv, nq, nk, _bucket(nq), _bucket(nk),
-        **_common_meta(q, k, v, key_lengths, causal),
+        h, h // h_kv, nq, nk, _bucket(nq), _bucket(nk), **meta,
     )  # fmt: skip
 
 
@@ -197,14 +221,14 @@ def launch_backward(
             HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block_m,
         )  # fmt: skip
     if not _grid_empty(b, h_kv, nk):
-        kern._attn_bwd_dkdv[lambda m: (_cdiv(nk, m["BLOCK_N"]), b * h_kv)](
+        _tuned(kern, "dkdv", q, meta)[lambda m: (_cdiv(nk, m["BLOCK_N"]), b * h_kv)](
             q, k, v, dout, lse, delta, dk, dv, key_lengths, scale, qk_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3],
             h, h_kv, group, nq, nk, _bucket(nq), _bucket(nk), **meta,
         )  # fmt: skip
     if not _grid_empty(b, h, nq):
-        kern._attn_bwd_dq[lambda m: (_cdiv(nq, m["BLOCK_M"]), b * h)](
+        _tuned(kern, "dq", q, meta)[lambda m: (_cdiv(nq, m["BLOCK_M"]), b * h)](
             q, k, v, dout, lse, delta, dq, key_lengths, scale, qk_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
             *dq.stride()[:3],

@@ -7,7 +7,6 @@ machines without Triton can install and use the rest of the stack.
 
 from __future__ import annotations
 
-import functools
 import os
 
 __all__ = ["available_kernels", "interpreter_enabled", "triton_status"]
@@ -24,14 +23,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=1)
+# A plain module-level cache rather than functools.lru_cache: torch.compile traces through
+# the backend choice, and dynamo warns on (and may break the graph at) lru_cache wrappers.
+_TRITON_STATUS: tuple[bool, str] | None = None
+
+
 def triton_status() -> tuple[bool, str]:
     """Whether Triton imports here, and either its version or the reason it does not."""
-    try:
-        import triton
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-    return True, f"triton {triton.__version__}"
+    global _TRITON_STATUS
+    if _TRITON_STATUS is None:
+        try:
+            import triton
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            _TRITON_STATUS = (False, f"triton is not importable ({type(exc).__name__}: {exc})")
+        else:
+            _TRITON_STATUS = (True, f"triton {triton.__version__}")
+    return _TRITON_STATUS
 
 
 def available_kernels() -> tuple[str, ...]:

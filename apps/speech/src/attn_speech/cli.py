@@ -6,6 +6,7 @@ import sys
 
 from attn_speech import __version__
 from attn_speech.ecapa.cli import register as register_ecapa
+from attn_speech.enhance.cli import register as register_enhance
 from core_attention.cli import AppCommandLine
 
 CLI = AppCommandLine(
@@ -66,6 +67,7 @@ def _register_make_data(cli: AppCommandLine) -> None:
 
 
 register_ecapa(CLI)
+register_enhance(CLI)
 _register_make_data(CLI)
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from core_attention import backends
+
 __all__ = ["BiLevelRoutingAttention", "QKVLinear", "TopkRouting", "routed_attention"]
 
 _KV_DOWNSAMPLE_MODES = ("identity", "avgpool", "maxpool", "ada_avgpool", "ada_maxpool")
@@ -325,6 +327,8 @@ class BiLevelRoutingAttention(nn.Module):
         soft_routing: scale each routed region's keys and values by its routing weight.
         side_dwconv: LePE depthwise kernel size; ``0`` disables it.
         auto_pad: pad sizes not divisible by ``n_win`` (else they raise ``ValueError``).
+        backend: ``"auto"`` or ``"torch"``; the routed attention has no Triton kernel, so
+            ``"triton"`` raises :class:`~core_attention.BackendUnavailableError`.
     """
 
     def __init__(
@@ -345,6 +349,7 @@ class BiLevelRoutingAttention(nn.Module):
         soft_routing: bool = False,
         side_dwconv: int = 3,
         auto_pad: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
         self.dim = dim
@@ -386,6 +391,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.kv_downsample_ratio = kv_downsample_ratio
         self.kv_downsample_kernel = kv_downsample_kernel
         self.auto_pad = auto_pad
+        self.backend = backend
 
         self.lepe = (
             nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
@@ -473,23 +479,27 @@ class BiLevelRoutingAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, H, W, dim]`` -> ``[B, H, W, dim]``."""
+        backends.resolve(self.backend, "routed attention has no Triton kernel")
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"expected NHWC input [B, H, W, {self.dim}], got {tuple(x.shape)}")
         b, h_in, w_in, _ = x.shape
         n = self.n_win
+        q, k, v = self.qkv(x)
+        v_real = v
         pad_b, pad_r = (-h_in) % n, (-w_in) % n
+        valid = None
         if pad_b or pad_r:
             if not self.auto_pad:
                 raise ValueError(
                     f"H={h_in} and W={w_in} must be divisible by n_win={n} (or use auto_pad=True)"
                 )
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-            valid = torch.zeros(h_in + pad_b, w_in + pad_r, dtype=torch.bool, device=x.device)
-            valid[:h_in, :w_in] = True
-        else:
-            valid = None
-        hh, ww = x.shape[1] // n, x.shape[2] // n  # region size
-        q, k, v = self.qkv(x)
+            # Tokens are projected one by one, so padding after the projection is the same as
+            # padding the input; what the padded tokens hold never reaches the output.
+            q, k, v = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b)) for t in (q, k, v))
+            rows = torch.arange(q.shape[1], device=x.device) < h_in
+            cols = torch.arange(q.shape[2], device=x.device) < w_in
+            valid = rows[:, None] & cols[None, :]
+        hh, ww = q.shape[1] // n, q.shape[2] // n  # region size
 
         q_win, k_win = self._region_means(q, k, valid, hh, ww)
         region_valid = None if valid is None else valid.view(n, hh, n, ww).any(3).any(1).flatten()
@@ -509,6 +519,5 @@ class BiLevelRoutingAttention(nn.Module):
         out = out.reshape(b, n * hh, n * ww, self.dim)[:, :h_in, :w_in]
 
         if self.lepe is not None:
-            v_img = v[:, :h_in, :w_in].permute(0, 3, 1, 2)
-            out = out + self.lepe(v_img).permute(0, 2, 3, 1)
+            out = out + self.lepe(v_real.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.wo(out)

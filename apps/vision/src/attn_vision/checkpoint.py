@@ -37,6 +37,7 @@ from attn_vision.models import biformer
 __all__ = [
     "StateDictMismatchError",
     "create_model",
+    "hf_config",
     "load_checkpoint",
     "read_state_dict",
     "save_model_folder",
@@ -95,6 +96,28 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, new_head: bool = Fals
     return report
 
 
+def hf_config(
+    model: nn.Module,
+    label_names: list[str] | None = None,
+    data_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """timm's ``config.json`` content for ``model`` (architecture, model_args, the
+    preprocessing in ``pretrained_cfg`` -- ``data_config`` when given, e.g. the input size a
+    model was trained at -- and ``label_names`` when given)."""
+    model_config: dict[str, Any] = {}
+    if label_names is not None:
+        model_config["label_names"] = list(label_names)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / CONFIG_NAME
+        save_config_for_hf(
+            model, str(config_path), model_config=model_config, data_config=data_config
+        )
+        config = json.loads(config_path.read_text())
+    # The weights are no longer those of the registered tag (e.g. "in1k") once trained here.
+    config["pretrained_cfg"].pop("tag", None)
+    return config
+
+
 def save_model_folder(
     model: nn.Module,
     folder: str | Path,
@@ -103,13 +126,7 @@ def save_model_folder(
     extra_json: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``model`` as a pretrained folder (atomically) in timm's Hugging Face layout."""
-    model_config: dict[str, Any] = {}
-    if label_names is not None:
-        model_config["labels"] = list(label_names)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / CONFIG_NAME
-        save_config_for_hf(model, str(config_path), model_config=model_config)
-        config = json.loads(config_path.read_text())
+    config = hf_config(model, label_names)
     return save_pretrained_state(folder, model.state_dict(), config, extra_json=extra_json)
 
 
@@ -128,12 +145,18 @@ def create_model(
     folder = Path(spec)
     if (folder / CONFIG_NAME).is_file():
         config = json.loads((folder / CONFIG_NAME).read_text())
-        name = config["architecture"]
         args = dict(config.get("model_args", {}), **kwargs)
-        saved_classes = config.get("num_classes", args.get("num_classes"))
-        model = timm.create_model(name, num_classes=saved_classes, **args)
+        saved_classes = config.get("num_classes", args.pop("num_classes", None))
+        args.pop("num_classes", None)
+        model = timm.create_model(config["architecture"], num_classes=saved_classes, **args)
         load_checkpoint(model, folder)
-        model.pretrained_cfg = dict(model.pretrained_cfg, **config.get("pretrained_cfg", {}))
+        saved_cfg = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in config.get("pretrained_cfg", {}).items()
+        }
+        model.pretrained_cfg = dict(model.pretrained_cfg, **saved_cfg)
+        if "label_names" in config:
+            model.pretrained_cfg["label_names"] = list(config["label_names"])
         if num_classes is not None and num_classes != saved_classes:
             model.reset_classifier(num_classes)
             model.pretrained_cfg["num_classes"] = num_classes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attn_vision import __version__
+from attn_vision.commands import attention_map, evaluate, export, infer, train
 from core_attention.cli import AppCommandLine
 
 CLI = AppCommandLine(
@@ -10,6 +11,8 @@ CLI = AppCommandLine(
     description="BiFormer and HaloNet image backbones on timm.",
     version=__version__,
 )
+for _command in (infer, evaluate, train, attention_map, export):
+    _command.register(CLI)
 
 
 def main(argv: list[str] | None = None) -> int:

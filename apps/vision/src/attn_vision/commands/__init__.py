@@ -1,0 +1,1 @@
+"""The subcommands of ``attn-vision``; each module has ``register(cli)`` and ``run(args)``."""

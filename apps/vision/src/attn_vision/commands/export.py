@@ -1,0 +1,123 @@
+"""``attn-vision export --model M --format onnx|torch-export``, checked against eager.
+
+The exported program has the input shape ``[batch, 3, img, img]`` it was traced with. After
+writing it, the file is loaded back (``torch.export.load`` or onnxruntime) and run on a
+fresh random input of that shape; the largest deviation from the eager model must stay
+within ``--atol + --rtol * |eager|`` or the command fails (and says by how much).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from attn_vision.commands.common import add_model_arguments, load_model, refuse_overwrite, warn
+
+SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
+
+
+def export_torch(model: nn.Module, example: torch.Tensor, path: Path):
+    program = torch.export.export(model, (example,))
+    torch.export.save(program, path)
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        loaded = torch.export.load(path).module()
+        with torch.no_grad():
+            return loaded(x).numpy()
+
+    return run
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeError("--format onnx needs onnx, onnxscript and onnxruntime") from None
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, opset_version=opset, input_names=["images"]
+    )
+    program.save(str(path))
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+    return run
+
+
+def export(
+    model: nn.Module,
+    path: Path,
+    *,
+    fmt: str,
+    input_shape: tuple[int, ...],
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    opset: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Export ``model`` (on the CPU, eval mode) to ``path`` and check it; returns the largest
+    absolute deviation from eager. Raises ``AssertionError`` when the check fails."""
+    model = model.cpu().eval()
+    g = torch.Generator().manual_seed(seed)
+    example = torch.randn(input_shape, generator=g)
+    if fmt == "onnx":
+        run = export_onnx(model, example, path, opset)
+    elif fmt == "torch-export":
+        run = export_torch(model, example, path)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(SUFFIX)}")
+    check = torch.randn(input_shape, generator=g)
+    with torch.no_grad():
+        eager = model(check).numpy()
+    got = run(check)
+    deviation = float(np.abs(got - eager).max())
+    if not np.allclose(got, eager, rtol=rtol, atol=atol):
+        raise AssertionError(
+            f"{path}: exported model deviates from eager by up to {deviation:.3g} "
+            f"(allowed atol {atol} + rtol {rtol} x |eager|)"
+        )
+    return deviation
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.output or Path(f"{Path(args.model).name}{SUFFIX[args.format]}")
+    refuse_overwrite(path, args.overwrite)
+    model = load_model(args)
+    size = args.img_size or model.pretrained_cfg["input_size"][-1]
+    shape = (args.batch_size, model.pretrained_cfg["input_size"][0], size, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deviation = export(
+        model, path, fmt=args.format, input_shape=shape, rtol=args.rtol, atol=args.atol,
+        opset=args.opset,
+    )  # fmt: skip
+    warn(f"wrote {path} (input {list(shape)}); max |exported - eager| = {deviation:.3g}")
+    return 0
+
+
+def register(cli) -> None:
+    p = cli.add_command(
+        "export", "export a model to ONNX or torch.export, checked numerically against eager"
+    )
+    add_model_arguments(p)
+    p.add_argument("--format", choices=tuple(SUFFIX), default="onnx", help="(default: %(default)s)")
+    p.add_argument(
+        "--output", type=Path, default=None, help="file to write (default: <model>.onnx / .pt2)"
+    )
+    p.add_argument(
+        "--img-size", type=int, default=None, help="input side (default: the model's input size)"
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="input batch (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--rtol", type=float, default=1e-4, help="check tolerance (default: %(default)s)"
+    )
+    p.add_argument(
+        "--atol", type=float, default=1e-4, help="check tolerance (default: %(default)s)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=run)

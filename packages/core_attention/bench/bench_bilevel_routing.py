@@ -5,10 +5,8 @@ routed key/value regions with ``torch.gather`` into an ``[n, p^2, topk, w^2, c]`
 runs one softmax over them. Both run with the same weights at BiFormer-T stage-1 size
 (56x56 tokens, dim 64, 2 heads, n_win 7, LePE 5x5) for topk 1, 4 and 16.
 
-Peak memory is the high-water mark of bytes allocated through PyTorch's CPU allocator during
-one call, above what was allocated before it, read from the allocation and free events that
-``torch.profiler`` records with ``profile_memory=True`` (inputs and weights are allocated
-before and not counted; outputs, saved activations and gradients are).
+Peak memory: see ``_measure.py`` (allocator high-water mark from ``torch.profiler`` memory
+events). Time: median wall time of interleaved runs.
 
     python packages/core_attention/bench/bench_bilevel_routing.py
 """
@@ -16,12 +14,12 @@ before and not counted; outputs, saved activations and gradients are).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's CUDA probe on CPU hosts
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from _measure import median_seconds, peak_bytes
 
 from core_attention.layers.bilevel_routing import BiLevelRoutingAttention
 
@@ -55,30 +53,6 @@ def gather_bra(mod: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
     attn = ((q_pix * mod.scale) @ k_sel).softmax(-1)
     out = (attn @ v_sel).reshape(n, nw, nw, m, h, w, -1).permute(0, 1, 4, 2, 5, 3, 6)
     return mod.wo(out.reshape(n, H, W, C) + lepe)
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Allocator high-water mark of one call of ``fn`` above the allocation before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        if e.device_type() == torch.device("cpu").type or str(e.device_type()).endswith("CPU"):
-            current += e.nbytes()
-            peak = max(peak, current)
-    return peak
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,14 +105,16 @@ def main(argv: list[str] | None = None) -> None:
             mod.zero_grad(set_to_none=True)
 
         for name, run in (("forward", inference), ("fwd+bwd", training)):
-            ours = lambda run=run, mod=mod: run(mod)  # noqa: E731
-            ref = lambda run=run, mod=mod: run(lambda t: gather_bra(mod, t))  # noqa: E731
-            t_ref, t_ours = median_seconds(ref, args.repeats), median_seconds(ours, args.repeats)
-            m_ref, m_ours = peak_bytes(ref), peak_bytes(ours)
+            fns = {
+                "gather": lambda run=run, mod=mod: run(lambda inp: gather_bra(mod, inp)),
+                "ours": lambda run=run, mod=mod: run(mod),
+            }
+            t = median_seconds(fns, args.repeats)
+            m = {k: peak_bytes(fn) for k, fn in fns.items()}
             print(
-                f"| {topk} | {name} | {t_ref * 1e3:.1f} | {t_ours * 1e3:.1f} | "
-                f"{t_ours / t_ref:.2f} | {m_ref / 2**20:.1f} | {m_ours / 2**20:.1f} | "
-                f"{m_ours / m_ref:.2f} |"
+                f"| {topk} | {name} | {t['gather'] * 1e3:.1f} | {t['ours'] * 1e3:.1f} | "
+                f"{t['ours'] / t['gather']:.2f} | {m['gather'] / 2**20:.1f} | "
+                f"{m['ours'] / 2**20:.1f} | {m['ours'] / m['gather']:.2f} |"
             )
     print("\nratio = ours / gather (below 1: ours is faster or smaller)")
 

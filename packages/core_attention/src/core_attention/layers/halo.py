@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core_attention.backends import requested_backend
 from core_attention.functional import attention
 
 __all__ = ["HaloAttention", "PosEmbedRel"]
@@ -100,6 +101,10 @@ class HaloAttention(nn.Module):
     because the last block was completed are masked out. Outputs of padded queries are
     dropped: ``H' = ceil(H / 2)`` with the strided query (that of a stride-2 1x1
     convolution) and ``floor(H / 2)`` with average pooling (that of ``AvgPool2d(2, 2)``).
+
+    Without gradients the attention runs through :func:`core_attention.attention` (a fused
+    kernel, the relative logits as additive mask). When gradients are needed it runs as one
+    ``baddbmm`` and a softmax, because the fused kernels give no gradient for the mask.
 
     Args:
         dim: input channels.
@@ -195,6 +200,11 @@ class HaloAttention(nn.Module):
         mask = rows[:, None, :, None] & cols[None, :, None, :]  # [nbh, nbw, win, win]
         return mask.reshape(-1, win * win)
 
+    def _needs_grad(self, *tensors: Tensor) -> bool:
+        if requested_backend(self.backend) == "triton":
+            return False  # let core_attention.attention name what the kernel lacks
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, dim, H, W]`` -> ``[B, dim_out, H', W']``."""
         b, _, h, w = x.shape
@@ -221,14 +231,27 @@ class HaloAttention(nn.Module):
             valid = self._key_mask(h, w, hp, wp, x.device)
             bias = bias.masked_fill(~valid[:, None, :], float("-inf"))
         # Every (batch, head, block) is one attention problem: fold them into the batch.
-        out = attention(
-            q.reshape(-1, 1, bsd * bsd, self.dim_head_qk),
-            k.reshape(-1, 1, win * win, self.dim_head_qk),
-            v.reshape(-1, 1, win * win, self.dim_head_v),
-            attn_mask=bias.reshape(-1, 1, bsd * bsd, win * win),
-            scale=self.scale,
-            backend=self.backend,
-        )
+        q = q.reshape(-1, bsd * bsd, self.dim_head_qk)
+        k = k.reshape(-1, win * win, self.dim_head_qk)
+        v = v.reshape(-1, win * win, self.dim_head_v)
+        bias = bias.reshape(-1, bsd * bsd, win * win)
+        if self._needs_grad(q, k, v, bias):
+            # The relative logits need their gradient, which the fused kernels do not give;
+            # one fused multiply-add keeps a single logits buffer alive instead of three.
+            logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.scale)
+            del bias  # only two [.., bsd^2, win^2] buffers alive at a time
+            probs = logits.softmax(dim=-1)
+            del logits
+            out = torch.bmm(probs, v)
+        else:
+            out = attention(
+                q[:, None],
+                k[:, None],
+                v[:, None],
+                attn_mask=bias[:, None],
+                scale=self.scale,
+                backend=self.backend,
+            )
 
         out = out.reshape(b, heads, nbh, nbw, bsd, bsd, self.dim_head_v)
         out = out.permute(0, 1, 6, 2, 4, 3, 5).reshape(b, self.dim_out_v, nbh * bsd, nbw * bsd)

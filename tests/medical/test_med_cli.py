@@ -77,6 +77,19 @@ def test_infer_3d_keeps_geometry_and_groups_channel_files(tmp_path, capsys):
     assert "1 channel(s), the model takes 2" in capsys.readouterr().err
 
 
+def test_infer_names_single_channel_nnunet_files_by_case(tmp_path):
+    model = _checkpoint(tmp_path / "m", 3, 1, ["MR"], [8, 8, 8])
+    volume = np.random.default_rng(0).normal(size=(9, 9, 9)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "liver_7_0000.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "plain.nii.gz")
+    files = [str(tmp_path / "liver_7_0000.nii.gz"), str(tmp_path / "plain.nii.gz")]
+    assert main(["infer", *files, "-m", str(model), "-o", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "liver_7.nii.gz",
+        "plain.nii.gz",
+    ]
+
+
 def test_infer_reports_a_missing_checkpoint(tmp_path, capsys):
     assert (
         main(["infer", str(tmp_path), "--model", str(tmp_path / "none"), "-o", str(tmp_path / "o")])

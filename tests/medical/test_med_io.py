@@ -58,6 +58,9 @@ def test_four_d_nifti_channels_come_first(tmp_path):
     loaded = read_image(tmp_path / "mm.nii.gz")
     assert loaded.array.shape == (3, 4, 5, 6)
     assert [float(loaded.array[c].mean()) for c in range(3)] == [0.0, 1.0, 2.0]
+    write_mask(np.ones((4, 5, 6), np.uint8), loaded, tmp_path / "mask.nii.gz", num_classes=2)
+    mask = nib.load(tmp_path / "mask.nii.gz")
+    assert mask.shape == (4, 5, 6) and int(mask.header["dim"][0]) == 3
 
 
 def test_pictures_and_masks(tmp_path):

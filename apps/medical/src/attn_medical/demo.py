@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> StageResult:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("Attention residual U-Net on synthetic wound photographs", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     figure = ctx.out_dir / "wound_segmentation.png"
     fig.savefig(figure, dpi=80)
     plt.close(fig)

@@ -26,7 +26,6 @@ from attn_medical.io import (
     case_name,
     is_supported,
     is_volume,
-    mask_path_for,
     read_image,
     write_mask,
 )
@@ -85,11 +84,20 @@ class InferenceCase:
     files: list[Path]
 
 
+def _channel_suffix(path: Path) -> tuple[str, int] | None:
+    """``("case", 1)`` for nnU-Net's ``case_0001.nii.gz``; ``None`` for other names."""
+    name = case_name(path)
+    if is_volume(path) and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        return name[:-5], int(name[-4:])
+    return None
+
+
 def collect_cases(inputs: Sequence[Path | str], in_channels: int) -> list[InferenceCase]:
     """Files and folders (their supported files, not recursive) as cases.
 
-    A volume folder whose files end in ``_0000``, ``_0001``, ... (nnU-Net's channel
-    files) is grouped into one case per name when the model takes several channels.
+    Volumes named as nnU-Net's channel files (``case_0000.nii.gz``, ``case_0001.nii.gz``,
+    ...) become one case ``case`` holding its channel files in order when the model takes
+    several channels; for a one-channel model ``case_0000.nii.gz`` is case ``case``.
     """
     files: list[Path] = []
     for item in map(Path, inputs):
@@ -100,13 +108,13 @@ def collect_cases(inputs: Sequence[Path | str], in_channels: int) -> list[Infere
     cases: list[InferenceCase] = []
     grouped: dict[str, list[Path]] = {}
     for path in files:
-        name = case_name(path)
-        if in_channels > 1 and is_volume(path) and len(name) > 5 and name[-5] == "_":
-            suffix = name[-4:]
-            if suffix.isdigit():
-                grouped.setdefault(name[:-5], []).append(path)
-                continue
-        cases.append(InferenceCase(name, [path]))
+        channel = _channel_suffix(path)
+        if channel is not None and in_channels > 1:
+            grouped.setdefault(channel[0], []).append(path)
+        elif channel is not None and channel[1] == 0:
+            cases.append(InferenceCase(channel[0], [path]))
+        else:
+            cases.append(InferenceCase(case_name(path), [path]))
     for name, group in grouped.items():
         cases.append(InferenceCase(name, sorted(group)))
     return cases
@@ -204,9 +212,8 @@ def infer_files(
     written: list[Path] = []
     problems: list[InputError] = []
     for case in tqdm(cases, desc="infer", unit="case", disable=not progress):
-        target = mask_path_for(case.files[0], out_dir)
-        if len(case.files) > 1:
-            target = target.with_name(case.name + ".nii.gz")
+        suffix = ".nii.gz" if is_volume(case.files[0]) else ".png"
+        target = Path(out_dir) / f"{case.name}{suffix}"
         try:
             if target.exists() and not overwrite:
                 raise InputError(target, "exists; pass --overwrite to replace it")

@@ -242,9 +242,3 @@ def write_mask(mask: np.ndarray, like: Loaded, out_path: Path, num_classes: int)
         Image.fromarray(values).save(tmp, format="PNG")
     tmp.replace(out_path)
     return out_path
-
-
-def mask_path_for(image_path: Path, out_dir: Path) -> Path:
-    """Where ``infer`` writes the mask of ``image_path``: same name, PNG for pictures."""
-    suffix = ".nii.gz" if is_volume(image_path) else ".png"
-    return Path(out_dir) / f"{case_name(image_path)}{suffix}"

@@ -471,10 +471,11 @@ def _naive_routed(q, k, v, idx, scale, weight=None, key_valid=None):
     return out
 
 
-def _routed_inputs(dtype, weight=True, mask=True, small=False):
+def _routed_inputs(dtype, weight=True, mask=True, small=False, topk=None):
     b, p, pk, m, nq, nk, d, dv, t = (
         (1, 2, 3, 2, 3, 3, 3, 2, 2) if small else (2, 3, 4, 2, 5, 3, 4, 3, 3)
     )
+    t = topk or t
     q = torch.randn(b, p, m, nq, d, dtype=dtype)
     k = torch.randn(b, pk, m, nk, d, dtype=dtype)
     v = torch.randn(b, pk, m, nk, dv, dtype=dtype)
@@ -488,9 +489,10 @@ def _routed_inputs(dtype, weight=True, mask=True, small=False):
     return q, k, v, idx, w, valid
 
 
+@pytest.mark.parametrize("topk", [1, 3])
 @pytest.mark.parametrize(("weight", "mask"), [(False, False), (True, False), (True, True)])
-def test_routed_attention_matches_naive(weight, mask):
-    q, k, v, idx, w, valid = _routed_inputs(torch.float64, weight, mask)
+def test_routed_attention_matches_naive(weight, mask, topk):
+    q, k, v, idx, w, valid = _routed_inputs(torch.float64, weight, mask, topk=topk)
     expected = _naive_routed(q, k, v, idx, 0.7, w, valid)
     out64 = routed_attention(q, k, v, idx, scale=0.7, region_weight=w, key_valid=valid)
     torch.testing.assert_close(out64, expected, atol=1e-12, rtol=1e-12)
@@ -499,8 +501,9 @@ def test_routed_attention_matches_naive(weight, mask):
     assert _rel_err(out32.double(), expected) < 1e-5
 
 
-def test_routed_attention_all_masked_row_is_zero():
-    q, k, v, idx, w, valid = _routed_inputs(torch.float64, True, True)
+@pytest.mark.parametrize("topk", [1, 3])
+def test_routed_attention_all_masked_row_is_zero(topk):
+    q, k, v, idx, w, valid = _routed_inputs(torch.float64, True, True, topk=topk)
     valid[:] = False
     q.requires_grad_(True)
     out = routed_attention(q, k, v, idx, scale=1.0, region_weight=w, key_valid=valid)
@@ -509,9 +512,11 @@ def test_routed_attention_all_masked_row_is_zero():
     assert torch.equal(q.grad, torch.zeros_like(q))
 
 
-@pytest.mark.parametrize(("weight", "mask"), [(False, False), (True, True)])
-def test_routed_attention_gradcheck(weight, mask):
-    q, k, v, idx, w, valid = _routed_inputs(torch.float64, weight, mask, small=True)
+@pytest.mark.parametrize(
+    ("weight", "mask", "topk"), [(False, False, 2), (True, True, 2), (True, True, 1)]
+)
+def test_routed_attention_gradcheck(weight, mask, topk):
+    q, k, v, idx, w, valid = _routed_inputs(torch.float64, weight, mask, small=True, topk=topk)
     inputs = [t.requires_grad_(True) for t in (q, k, v)] + (
         [w.requires_grad_(True)] if weight else []
     )
@@ -559,9 +564,10 @@ def test_torch_compile_aot_eager_forward_backward():
 
 
 def test_torch_compile_dynamic_shapes():
-    """One graph with symbolic sizes serves divisible and padded inputs alike."""
+    """One graph with symbolic sizes serves divisible and padded inputs alike (topk=1: the
+    core_attention.attention path)."""
     torch._dynamo.reset()
-    mine = BiLevelRoutingAttention(dim=8, num_heads=2, n_win=2, topk=2, auto_pad=True)
+    mine = BiLevelRoutingAttention(dim=8, num_heads=2, n_win=2, topk=1, auto_pad=True)
     compiled = torch.compile(mine, backend="aot_eager", fullgraph=True, dynamic=True)
     with torch.no_grad():
         for size in ((5, 6), (8, 8), (7, 9)):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from core_attention import backends
+from core_attention.functional import attention
 
 __all__ = ["BiLevelRoutingAttention", "QKVLinear", "TopkRouting", "routed_attention"]
 
@@ -164,6 +165,24 @@ class _RoutedAttention(torch.autograd.Function):
         )
 
 
+def _single_region_attention(q, k, v, region_idx, scale, region_weight, key_valid, backend):
+    """``T == 1``: one region per query region, a plain attention call on the gathered one."""
+    b, p, m, nq, dq = q.shape
+    flat_idx, k_flat, v_flat = _prepare(q, k, v, region_idx)
+    ids = flat_idx.reshape(-1)
+    kt, vt = k_flat.index_select(0, ids), v_flat.index_select(0, ids)  # [B * P, M, Nk, d]
+    if region_weight is not None:
+        w = region_weight.reshape(b * p, 1, 1, 1)
+        kt, vt = kt * w, vt * w
+    mask = None
+    if key_valid is not None:
+        mask = key_valid[region_idx.reshape(-1)].view(b * p, 1, 1, -1)
+    out = attention(
+        q.reshape(b * p, m, nq, dq), kt, vt, attn_mask=mask, scale=scale, backend=backend
+    )
+    return out.view(b, p, m, nq, -1)
+
+
 def routed_attention(
     q: Tensor,
     k: Tensor,
@@ -173,23 +192,29 @@ def routed_attention(
     scale: float,
     region_weight: Tensor | None = None,
     key_valid: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Token attention from each query region to the key regions it is routed to.
 
     Query region ``i`` attends the tokens of key regions ``region_idx[:, i, :]`` with one
     softmax over all of them, as BiFormer's fine level. The routed keys and values are never
-    gathered into one ``topk``-fold copy.
+    gathered into one ``topk``-fold copy: with one routed region (``T == 1``) the call is a
+    plain :func:`core_attention.attention` on that region; with several, the regions are
+    visited one at a time and merged by an online softmax (a PyTorch routine; its backward
+    recomputes each region's scores).
 
     Args:
         q: queries ``[B, P, M, Nq, D]`` (``P`` query regions, ``M`` heads, ``Nq`` tokens each).
         k: keys ``[B, Pk, M, Nk, D]`` (``Pk`` key regions of ``Nk`` tokens).
         v: values ``[B, Pk, M, Nk, Dv]``.
         region_idx: ``[B, P, T]`` integer indices into the ``Pk`` key regions.
-        scale: multiplies ``q`` before the dot products.
+        scale: multiplies the dot products ``q . k``.
         region_weight: ``[B, P, T]`` soft routing weights; routed region ``t`` then
             contributes keys and values multiplied by ``region_weight[..., t]`` (BiFormer's
             ``soft_routing``). Differentiable.
         key_valid: ``[Pk, Nk]`` bool, ``False`` for keys no query may attend (padding).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``; only ``T == 1`` can run a Triton
+            kernel (through :func:`core_attention.attention`), ``"triton"`` raises otherwise.
 
     Returns:
         ``[B, P, M, Nq, Dv]``. A query row with no valid key returns zeros.
@@ -201,6 +226,11 @@ def routed_attention(
         )
     if region_idx.dim() != 3 or region_idx.shape[:2] != q.shape[:2]:
         raise ValueError(f"region_idx must be [B, P, T], got {tuple(region_idx.shape)}")
+    if region_idx.shape[-1] == 1:
+        return _single_region_attention(
+            q, k, v, region_idx, scale, region_weight, key_valid, backend
+        )
+    backends.resolve(backend, "routed attention over several regions has no Triton kernel")
     q = q * scale
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, region_weight)
@@ -327,8 +357,8 @@ class BiLevelRoutingAttention(nn.Module):
         soft_routing: scale each routed region's keys and values by its routing weight.
         side_dwconv: LePE depthwise kernel size; ``0`` disables it.
         auto_pad: pad sizes not divisible by ``n_win`` (else they raise ``ValueError``).
-        backend: ``"auto"`` or ``"torch"``; the routed attention has no Triton kernel, so
-            ``"triton"`` raises :class:`~core_attention.BackendUnavailableError`.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`routed_attention`:
+            only ``topk=1`` has a Triton path).
     """
 
     def __init__(
@@ -391,6 +421,8 @@ class BiLevelRoutingAttention(nn.Module):
         self.kv_downsample_ratio = kv_downsample_ratio
         self.kv_downsample_kernel = kv_downsample_kernel
         self.auto_pad = auto_pad
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
         self.backend = backend
 
         self.lepe = (
@@ -479,7 +511,6 @@ class BiLevelRoutingAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, H, W, dim]`` -> ``[B, H, W, dim]``."""
-        backends.resolve(self.backend, "routed attention has no Triton kernel")
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"expected NHWC input [B, H, W, {self.dim}], got {tuple(x.shape)}")
         b, h_in, w_in, _ = x.shape
@@ -514,6 +545,7 @@ class BiLevelRoutingAttention(nn.Module):
             scale=self.scale,
             region_weight=r_weight if self.soft_routing else None,
             key_valid=key_valid,
+            backend=self.backend,
         )  # [B, P, M, hh * ww, dim / M]
         out = out.reshape(b, n, n, self.num_heads, hh, ww, -1).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(b, n * hh, n * ww, self.dim)[:, :h_in, :w_in]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core_attention.backends import requested_backend
+from core_attention.backends import BACKENDS, requested_backend
 from core_attention.functional import attention
 
 __all__ = ["HaloAttention", "PosEmbedRel"]
@@ -155,6 +155,8 @@ class HaloAttention(nn.Module):
         self.dim_out_v = num_heads * self.dim_head_v
         self.scale = self.dim_head_qk**-0.5
         self.scale_pos_embed = scale_pos_embed
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.block_size = self.block_size_ds = block_size
         self.halo_size = halo_size

@@ -67,7 +67,12 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)"
     )
-    p.add_argument("--batch-size", type=int, default=16, help="files per batch (default: 16)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="files per batch; 0: 1 on CPU (padding costs more than batching gains), 16 on GPU",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -81,10 +86,11 @@ def _embedder(args, device):
     from attn_speech.ecapa.inference import Embedder
 
     model = load_any_model(args.model, device)
+    batch_size = args.batch_size or (16 if device.type == "cuda" else 1)
     return Embedder(
         model,
         device=device,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         normalize=getattr(args, "normalize", False),
     )
 
@@ -259,6 +265,7 @@ def cmd_calibrate(args) -> int:
     from attn_speech.ecapa.config import Threshold
     from attn_speech.ecapa.evaluate import score_trials
     from attn_speech.ecapa.metrics import eer, threshold_at_far
+    from attn_speech.ecapa.speaker import save_model
 
     device = _setup(args)
     model_path = builtin_model_path() if args.model == BUILTIN else Path(args.model)
@@ -292,7 +299,7 @@ def cmd_calibrate(args) -> int:
         eer=e,
         extra={"far": far, "frr": frr, "targets": int(pos.size), "nontargets": int(neg.size)},
     )
-    model.cpu().with_threshold(threshold).save_pretrained(out)
+    save_model(model.cpu().with_threshold(threshold), out)
     print(
         f"threshold {value:.4f} ({args.method}): FAR {100 * far:.2f}%  FRR {100 * frr:.2f}% "
         f"on {len(res.trials)} trials (EER {100 * e:.2f}%) -> {out / 'config.json'}"

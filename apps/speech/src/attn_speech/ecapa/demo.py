@@ -1,9 +1,9 @@
-"""Demo stage of ``attn-demo``: speaker verification with the built-in ECAPA-TDNN.
+"""Speaker verification on voices the shipped ECAPA-TDNN has never heard.
 
-A fresh espeak-ng corpus of voices is synthesised, every pair of its utterances is scored
-with the small ECAPA-TDNN shipped with attn-speech (trained by
-``apps/speech/recipes/ecapa_espeak.sh``), and the decisions use the threshold calibrated
-on the recipe's development voices.
+The ``attn-demo`` stage of attn-speech. A fresh espeak-ng corpus is synthesised, pairs of
+its utterances are scored with the small ECAPA-TDNN shipped with attn-speech (trained by
+``apps/speech/recipes/ecapa_espeak.sh``), and the decisions use the threshold calibrated on
+the recipe's development voices.
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ def run(ctx: StageContext) -> StageResult:
     hist = score_histogram(pos, neg, ctx.out_dir / "scores.png", thr)
 
     rows = [("enrolment", "test", "same speaker?", "cosine score", "decision", "correct")]
-    picks = list(np.flatnonzero(labels == 1)[:4]) + list(np.flatnonzero(labels == 0)[:4])
+    targets, nontargets = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    # Two typical pairs of each kind, then the hardest: the lowest-scoring same-speaker
+    # pair and the highest-scoring different-speaker pair.
+    picks = [*targets[:2], targets[np.argmin(res.scores[targets])]]
+    picks += [*nontargets[:2], nontargets[np.argmax(res.scores[nontargets])]]
     for i in picks:
         t = res.trials[i]
         rows.append(

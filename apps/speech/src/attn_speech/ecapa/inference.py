@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attn_speech.audio import AudioError, load_audio
+from attn_speech.ecapa.fast import FastEcapa
 from attn_speech.ecapa.speaker import EcapaSpeaker
 
 
@@ -52,6 +53,9 @@ class Embedder:
 
     ``batch_seconds`` caps the padded audio per batch (memory); files are sorted by length
     so batches hold similar lengths. An embedding does not depend on its batch-mates.
+    ``fast`` runs :class:`~attn_speech.ecapa.fast.FastEcapa` (BatchNorm folded, fused
+    convolutions) where the architecture allows it; its embeddings equal the reference
+    model's to float32 rounding.
     """
 
     def __init__(
@@ -61,8 +65,15 @@ class Embedder:
         batch_size: int = 16,
         batch_seconds: float = 240.0,
         normalize: bool = False,
+        fast: bool = True,
     ) -> None:
         self.model = model.eval().to(device)
+        self.fast = None
+        if fast:
+            try:
+                self.fast = FastEcapa(self.model.embedding_model)
+            except NotImplementedError:
+                self.fast = None
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
         self.batch_seconds = batch_seconds
@@ -72,7 +83,15 @@ class Embedder:
     def embed_waveforms(self, wavs: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[B, D]`` embeddings of mono waveforms at the model's sample rate."""
         batch, lengths = pad_batch(wavs)
-        emb = self.model.embed(batch.to(self.device), lengths.to(self.device), self.normalize)
+        batch, lengths = batch.to(self.device), lengths.to(self.device)
+        if self.fast is None:
+            return self.model.embed(batch, lengths, self.normalize).float().cpu()
+        feats, frame_lengths = self.model.compute_features(batch, lengths)
+        emb = self.fast(feats, frame_lengths)[:, 0]
+        if self.normalize:
+            if self.model.embedding_mean is None:
+                raise ValueError("this model holds no embedding mean (embedding_norm=False)")
+            emb = emb - self.model.embedding_mean
         return emb.float().cpu()
 
     def _batches(self, order: list[int], durations: list[float]) -> list[list[int]]:

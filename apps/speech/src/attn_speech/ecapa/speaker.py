@@ -8,6 +8,7 @@ embedding mean of SpeechBrain's ``mean_var_norm_emb``, and the calibrated thresh
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 from attn_speech.ecapa.config import ClassifierConfig, EcapaConfig, FbankConfig, Threshold
 from attn_speech.ecapa.features import Fbank
 from attn_speech.ecapa.model import CosineClassifier, EcapaTDNN
-from attn_training.pretrained import PretrainedMixin
+from attn_training.pretrained import PretrainedMixin, save_pretrained_state
 
 
 def _as(cls, value):
@@ -147,6 +148,20 @@ class EcapaSpeaker(PretrainedMixin, nn.Module):
 def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity of ``[N, D]`` and ``[N, D]`` -> ``[N]``."""
     return F.cosine_similarity(a, b, dim=-1)
+
+
+def save_model(model: EcapaSpeaker, folder: str | Path) -> Path:
+    """``save_pretrained`` that keeps the JSON side files already in ``folder`` (e.g. the
+    harness's ``best.json``) when it replaces a model folder."""
+    folder = Path(folder)
+    keep = {}
+    if folder.is_dir():
+        for path in folder.glob("*.json"):
+            if path.name not in ("config.json", "model.safetensors.index.json"):
+                keep[path.name] = json.loads(path.read_text())
+    return save_pretrained_state(
+        folder, model.state_dict(), model.pretrained_config, extra_json=keep
+    )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> EcapaSpeaker:

@@ -25,7 +25,7 @@ from attn_speech.ecapa.augment import Augmenter
 from attn_speech.ecapa.config import ClassifierConfig, FbankConfig, Threshold, variant
 from attn_speech.ecapa.loss import AAMSoftmaxLoss
 from attn_speech.ecapa.metrics import eer, min_dcf
-from attn_speech.ecapa.speaker import EcapaSpeaker
+from attn_speech.ecapa.speaker import EcapaSpeaker, save_model
 from attn_speech.lists import Utterance, read_speaker_data, read_trials
 
 logger = logging.getLogger("attn_speech")
@@ -211,15 +211,21 @@ def cmd_train(args) -> int:
     final = result.final_dir
     print(f"trained {result.step} steps; model in {final}")
     if validator is not None and trainer.accelerator.is_main_process:
-        calibrated = EcapaSpeaker.from_pretrained(final)
-        s = validator.scores(calibrated)
-        pos, neg = s[validator.labels == 1], s[validator.labels == 0]
-        e, thr = eer(pos, neg)
-        threshold = Threshold(
-            value=thr, method="eer", trials=str(Path(args.val_trials).resolve()), eer=e
-        )
-        calibrated.with_threshold(threshold).save_pretrained(final)
-        print(f"validation EER {100 * e:.2f}%; threshold {thr:.4f} stored in {final}")
+        for folder in (final, result.best_dir):
+            if folder is not None:
+                calibrate_folder(folder, validator, args.val_trials)
+    return 0
+
+
+def calibrate_folder(folder: Path, validator: TrialValidator, trials: str | Path) -> None:
+    """Store the EER threshold of the validation trials in an exported model folder."""
+    model = EcapaSpeaker.from_pretrained(folder)
+    s = validator.scores(model)
+    pos, neg = s[validator.labels == 1], s[validator.labels == 0]
+    e, thr = eer(pos, neg)
+    threshold = Threshold(value=thr, method="eer", trials=str(Path(trials).resolve()), eer=e)
+    save_model(model.with_threshold(threshold), folder)
+    print(f"{folder}: validation EER {100 * e:.2f}%, threshold {thr:.4f} stored")
     return 0
 
 

@@ -1,0 +1,114 @@
+"""CPU embedding throughput of attn-speech's ECAPA-TDNN against SpeechBrain's, same weights.
+
+Both systems embed the same waveforms from raw audio (filterbanks, sentence mean
+normalisation, ECAPA-TDNN) in inference mode with the same number of threads; timings are
+interleaved and repeated, and the medians are reported as seconds of audio per second.
+
+    python apps/speech/bench/bench_ecapa.py [--channels 1024] [--threads 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from speechbrain.lobes.features import Fbank as SBFbank
+from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+from speechbrain.processing.features import InputNormalization
+
+from attn_speech.ecapa.config import EcapaConfig
+from attn_speech.ecapa.inference import Embedder, pad_batch
+from attn_speech.ecapa.speaker import EcapaSpeaker
+
+
+def speechbrain_system(channels: int):
+    torch.manual_seed(0)
+    model = ECAPA_TDNN(80, channels=[channels] * 4 + [3 * channels], lin_neurons=192).eval()
+    with torch.no_grad():
+        for m in model.modules():  # trained-looking BatchNorm statistics
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    fbank = SBFbank(n_mels=80)
+    norm = InputNormalization(norm_type="sentence", std_norm=False)
+
+    @torch.inference_mode()
+    def embed(wavs: list[torch.Tensor]) -> torch.Tensor:
+        batch, lengths = pad_batch(wavs)
+        lengths = lengths.float()
+        feats = norm(fbank(batch), lengths)
+        return model(feats, lengths)[:, 0]
+
+    return model, embed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--channels", type=int, default=1024, help="C (1024: spkrec-ecapa-voxceleb)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--files", type=int, default=12, help="utterances per pass (default: 12)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per system (default: 5)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    gen = torch.Generator().manual_seed(1)
+    seconds = torch.linspace(2.0, 8.0, args.files).tolist()
+    wavs = [0.1 * torch.randn(int(s * 16000), generator=gen) for s in seconds]
+    total = sum(seconds)
+
+    sb_model, sb_embed = speechbrain_system(args.channels)
+    c = args.channels
+    ours = EcapaSpeaker(model=EcapaConfig(channels=(c, c, c, c, 3 * c))).eval()
+    ours.embedding_model.load_state_dict(sb_model.state_dict())
+    fast = Embedder(ours, batch_size=1)
+    reference = Embedder(ours, batch_size=1, fast=False)
+
+    def per_file(embed):
+        return lambda: [embed([w]) for w in wavs]
+
+    def batched(embed, size=4):
+        order = sorted(range(len(wavs)), key=lambda i: wavs[i].numel())
+        groups = [[wavs[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+        return lambda: [embed(g) for g in groups]
+
+    systems = {
+        "SpeechBrain, one file at a time": per_file(sb_embed),
+        "attn-speech reference, one file at a time": per_file(reference.embed_waveforms),
+        "attn-speech fast, one file at a time": per_file(fast.embed_waveforms),
+        "SpeechBrain, length-sorted batches of 4": batched(sb_embed),
+        "attn-speech fast, length-sorted batches of 4": batched(fast.embed_waveforms),
+    }
+    with torch.inference_mode():
+        diff = max(
+            float((sb_embed([w])[0] - fast.embed_waveforms([w])[0]).abs().max()) for w in wavs[:3]
+        )
+        for run in systems.values():  # warm-up
+            run()
+        times: dict[str, list[float]] = {k: [] for k in systems}
+        for _ in range(args.repeats):
+            for name, run in systems.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+
+    speed = {k: total / statistics.median(v) for k, v in times.items()}
+    base_file = speed["SpeechBrain, one file at a time"]
+    base_batch = speed["SpeechBrain, length-sorted batches of 4"]
+    print(
+        f"ECAPA-TDNN C={c}, {args.files} utterances of 2-8 s ({total:.0f} s of audio), "
+        f"{args.threads} threads, median of {args.repeats} interleaved passes"
+    )
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(f"max |embedding difference| SpeechBrain vs ours: {diff:.2e}\n")
+    print("| system | audio seconds / second | vs SpeechBrain |")
+    print("|---|---:|---:|")
+    for name, value in speed.items():
+        base = base_batch if "batches" in name else base_file
+        print(f"| {name} | {value:.1f} | {value / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -242,3 +242,13 @@ def test_compiles_without_graph_breaks():
     lengths = torch.tensor([9, 4])
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, lengths), f(q, k, v, lengths))
+
+
+def test_compiles_with_dynamic_shapes():
+    def f(q, k, v):
+        return core_attention.attention(q, k, v, causal=True, backend="torch")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for h, hk, n in ((4, 2, 9), (6, 3, 13), (4, 4, 5)):
+        q, k, v = make_qkv(2, h, hk, n, n, 8)
+        torch.testing.assert_close(compiled(q, k, v), f(q, k, v))

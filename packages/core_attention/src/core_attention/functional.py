@@ -107,7 +107,9 @@ def _combine(mask_a: torch.Tensor | None, mask_b: torch.Tensor, dtype) -> torch.
 
 
 def _sdpa(q, k, v, mask, causal, scale, dropout_p):
-    gqa = k.shape[1] != q.shape[1]
+    # A Python branch, not a bool of shapes: under dynamic-shape compilation the comparison
+    # is symbolic, and SDPA's enable_gqa needs a plain bool (dynamo guards on the branch).
+    gqa = True if k.shape[1] != q.shape[1] else False  # noqa: SIM210
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
     )

@@ -2,9 +2,11 @@
 
     python apps/speech/bench/bench_enhance.py --seconds 10 --threads 2
 
-RTF = processing time / audio duration (below 1: faster than real time). The scan part
-times ``sequential`` against ``chunked`` on the shapes of the paper configuration's
-time-axis Mamba for the same audio.
+RTF = processing time / audio duration (below 1: faster than real time), once per scan
+backend in ``--backends``. The scan part times every backend of
+:data:`~attn_speech.enhance.selective_scan.BACKENDS` on the shapes of the paper
+configuration's time-axis Mamba for one chunk (best of ``--repeats``, interleaved, so that
+the ratios hold on a loaded machine).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from attn_speech.enhance.inference import enhance_waveform
 from attn_speech.enhance.model import MambAttention
-from attn_speech.enhance.selective_scan import selective_scan
+from attn_speech.enhance.selective_scan import BACKENDS, selective_scan
 
 
 def _timed(fn) -> float:
@@ -30,6 +32,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="audio length (default: 10)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--chunk-seconds", type=float, default=4.0, help="chunk length (default: 4)")
+    p.add_argument("--backends", default="fused", help="comma-separated scan backends for the RTF")
+    p.add_argument("--repeats", type=int, default=2, help="scan timings (default: 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -37,7 +41,7 @@ def main() -> None:
     wav = torch.randn(int(args.seconds * model.sample_rate)) * 0.1
     print(f"torch {torch.__version__}, {args.threads} threads, {args.seconds:.1f} s of audio")
 
-    for backend in ("chunked", "sequential"):
+    for backend in args.backends.split(","):
         for m in model.modules():
             if hasattr(m, "scan_backend"):
                 m.scan_backend = backend
@@ -53,15 +57,15 @@ def main() -> None:
     A = -torch.rand(d_inner, n, generator=g)
     B = torch.randn(seqs, n, frames, generator=g)
     C = torch.randn(seqs, n, frames, generator=g)
+    times = dict.fromkeys(BACKENDS, float("inf"))
     with torch.no_grad():
-        times = {
-            b: _timed(lambda b=b: selective_scan(u, delta, A, B, C, backend=b))
-            for b in ("sequential", "chunked")
-        }
-    print(
-        f"scan [{seqs}, {d_inner}, {frames}] x N={n}: sequential {times['sequential']:.3f} s, "
-        f"chunked {times['chunked']:.3f} s, ratio {times['sequential'] / times['chunked']:.2f}"
-    )
+        for _ in range(args.repeats):
+            for b in BACKENDS:
+                t = _timed(lambda b=b: selective_scan(u, delta, A, B, C, backend=b))
+                times[b] = min(times[b], t)
+    print(f"scan [{seqs}, {d_inner}, {frames}] x N={n}, best of {args.repeats}:")
+    for b, t in times.items():
+        print(f"  {b:10s} {t:7.3f} s  ({times['sequential'] / t:.2f}x sequential)")
 
 
 if __name__ == "__main__":

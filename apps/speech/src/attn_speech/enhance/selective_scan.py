@@ -9,8 +9,12 @@ For every channel ``d`` and state ``n``::
 :func:`selective_scan` is the entry point; ``backend`` picks an implementation from
 :data:`BACKENDS` (``"sequential"``: a step-by-step loop, the reference; ``"chunked"``: chunks
 of the sequence scanned in parallel with a Hillis-Steele doubling scan, the state carried
-from chunk to chunk). A GPU kernel registers itself in :data:`BACKENDS` under a new name
-and becomes available to every caller.
+from chunk to chunk; ``"fused"``: the step loop on time-major inputs, the state updated by
+one fused multiply-add and read out by one batched matmul, the default). On CPU the step
+loop wins: its per-step state ``[B, D, N]`` stays in cache, whereas every parallel form
+streams ``[B, D, chunk, N]`` tensors through memory several times (measured in
+``apps/speech/bench/bench_enhance.py``). A GPU kernel registers itself in :data:`BACKENDS`
+under a new name and becomes available to every caller.
 
 Shapes: ``u``, ``delta``, ``z`` ``[B, D, L]``; ``A`` ``[D, N]``; ``B``, ``C`` ``[B, N, L]``;
 ``D`` ``[D]``; ``delta_bias`` ``[D]``; returns ``[B, D, L]``.
@@ -23,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "scan_chunked", "scan_sequential", "selective_scan"]
+__all__ = ["BACKENDS", "scan_chunked", "scan_fused", "scan_sequential", "selective_scan"]
 
 ScanFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
@@ -42,6 +46,27 @@ def scan_sequential(
         h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]
         ys.append((h * C[:, None, :, t]).sum(-1))
     return torch.stack(ys, dim=-1)
+
+
+def scan_fused(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """The recurrence one step at a time, arranged for CPU speed.
+
+    Inputs are made time-major and contiguous once, ``delta * u`` is formed once, and each
+    step is ``h = addcmul(delta_t u_t B_t, exp(delta_t A), h)`` plus one batched matmul
+    ``h @ C_t`` for the output (memory ``O(B D N)`` besides the inputs).
+    """
+    dt = delta.permute(2, 0, 1).contiguous()  # [L, B, D]
+    dtu = (delta * u).permute(2, 0, 1).contiguous()
+    bt = B.permute(2, 0, 1).contiguous()[:, :, None, :]  # [L, B, 1, N]
+    ct = C.permute(2, 0, 1).contiguous()[..., None]  # [L, B, N, 1]
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.addcmul(dtu[t, :, :, None] * bt[t], torch.exp(dt[t, :, :, None] * A), h)
+        ys.append(torch.bmm(h, ct[t]))
+    return torch.cat(ys, dim=-1)
 
 
 def scan_chunked(
@@ -79,7 +104,11 @@ def scan_chunked(
     return torch.cat(ys, dim=-1)
 
 
-BACKENDS: dict[str, ScanFn] = {"sequential": scan_sequential, "chunked": scan_chunked}
+BACKENDS: dict[str, ScanFn] = {
+    "sequential": scan_sequential,
+    "chunked": scan_chunked,
+    "fused": scan_fused,
+}
 
 
 def selective_scan(
@@ -96,7 +125,7 @@ def selective_scan(
 ) -> torch.Tensor:
     """Mamba's selective scan (the signature of ``mamba_ssm.selective_scan_fn``).
 
-    ``backend``: ``"auto"`` (the chunked scan), or any key of :data:`BACKENDS`.
+    ``backend``: ``"auto"`` (the fused step loop), or any key of :data:`BACKENDS`.
     """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(
@@ -109,7 +138,7 @@ def selective_scan(
     for name, t in (("B", B), ("C", C)):
         if t.shape != (bsz, n, length):
             raise ValueError(f"{name} must be [{bsz}, {n}, {length}], got {tuple(t.shape)}")
-    name = "chunked" if backend == "auto" else backend
+    name = "fused" if backend == "auto" else backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     if delta_bias is not None:

@@ -1,4 +1,4 @@
-"""``attn-speech enhance ...``: ``run`` (enhance files and folders) and ``train``."""
+"""``attn-speech enhance ...``: ``run`` (enhance files and folders), ``train`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from attn_speech.enhance.evaluate import evaluate, find_eval_rows, summary_table
+
+    try:
+        rows = find_eval_rows(args.clean, args.enhanced, args.noisy, args.manifest)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    records, errors = evaluate(rows, args.csv)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    print(summary_table(records))
+    print(f"{len(records)} scored, {len(errors)} skipped -> {args.csv}")
+    return 1 if errors else 0
+
+
 def register(cli) -> None:
     """Add ``enhance`` and its subcommands to the app's command line."""
     from attn_training import add_train_arguments
@@ -120,6 +136,16 @@ def register(cli) -> None:
     s.add_argument("--threads", type=int, default=0, help="CPU threads; 0: torch's default")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("eval", help="PESQ, STOI, ESTOI, SI-SDR, SSNR against clean speech")
+    s.add_argument("--clean", default=None, help="folder of clean references")
+    s.add_argument("--enhanced", default=None, help="folder of enhanced files, same names")
+    s.add_argument("--noisy", default=None, help="folder of noisy inputs, scored beside them")
+    s.add_argument(
+        "--manifest", default=None, help="CSV with clean,enhanced[,noisy] columns instead"
+    )
+    s.add_argument("--csv", default="enhance_eval.csv", help="per-file scores (CSV)")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("train", help="train on paired clean/noisy speech")
     s.add_argument("--clean", default=None, help="folder of clean files")

@@ -14,8 +14,9 @@ resamples ``W_g g`` to the skip's grid, so any stride (also anisotropic) works.
 Shapes: ``[B, in_channels, *S]`` -> ``[B, out_channels, *S]`` logits for any ``S``; inputs
 are zero-padded at the end of each axis to a multiple of :attr:`size_divisor` and the
 output is cropped back. In training mode with ``deep_supervision`` the forward returns a
-list ``[main, aux_1, ...]`` where ``aux_k`` has the spatial size ``ceil(S / 2**k)``
-(cumulative stride of decoder level ``k``), as nnU-Net's deep supervision.
+list ``[main, aux_1, ...]`` where ``aux_k`` has the spatial size ``ceil(S / s_k)``, with
+``s_k`` the product of the first ``k`` strides (``S / 2**k`` with the default strides), as
+nnU-Net's deep supervision.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ with a direct numpy Dice against the exact synthetic masks of the validation fol
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +18,13 @@ import pytest
 from PIL import Image
 
 from attn_medical.cli import main
+
+
+def _script(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"{name} is not installed"
+    return found
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -89,3 +100,24 @@ def test_train_skips_bad_cases_names_them_and_resumes(tmp_path, capsys):
     assert steps == ["step-00000002", "step-00000004"]
     state = json.loads((run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["step"] == 4
+
+
+@pytest.mark.slow
+def test_train_runs_under_torchrun_with_two_processes(tmp_path):
+    data, run = tmp_path / "wounds", tmp_path / "run"
+    assert main(["make-data", "wounds", "--out", str(data), "--count", "8", "--size", "32"]) == 0
+    cmd = [
+        _script("torchrun"),
+        "--nproc_per_node",
+        "2",
+        _script("attn-medical"),
+        "train",
+        str(data),
+    ]
+    cmd += ["--output-dir", str(run), "--channels", "4", "8", "--folds", "2", "--batch-size", "2"]
+    cmd += ["--max-steps", "2", "--save-every", "2", "--no-progress", "--cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "train_config.json").read_text())["world_size"] == 2
+    assert res.stdout.count("train: final model") == 1  # printed by rank 0 only
+    assert (run / "final" / "model.safetensors").is_file()

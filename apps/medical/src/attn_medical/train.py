@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -113,7 +114,6 @@ def _write_splits(out: Path, splits: list[dict]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
 
     from attn_medical.datasets import discover, kfold_splits, load_cases
     from attn_medical.io import InputError
@@ -129,14 +129,16 @@ def run_train(args: argparse.Namespace) -> int:
     from attn_medical.transforms import train_transform
     from attn_training import TrainConfig, Trainer, seed_everything
 
-    state = PartialState()
+    # The harness builds the accelerator (and the process group) later; until then the
+    # launcher's RANK tells which process prints and writes the split.
+    main_process = int(os.environ.get("RANK", "0")) == 0
     try:
         spec = discover(args.data)
     except InputError as exc:
         print(f"error: {exc}")
         return 2
     cases, problems = load_cases(spec, spec.cases)
-    if state.is_main_process:
+    if main_process:
         for problem in [*spec.problems, *problems]:
             print(f"error: skipping {problem}", file=sys.stderr)
     if not cases:
@@ -150,7 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"error: --fold {args.fold} does not exist with --folds {args.folds}")
             return 2
         val_names = set(splits[args.fold]["val"])
-        if state.is_main_process:
+        if main_process:
             _write_splits(args.output_dir, splits)
     else:
         val_names = set()
@@ -220,9 +222,10 @@ def run_train(args: argparse.Namespace) -> int:
         return loss(model(batch["image"]), batch["label"])
 
     def val_fn(model):
-        return validate(model, val_prepared, patch, config.out_channels, device=state.device)
+        device = next(model.parameters()).device
+        return validate(model, val_prepared, patch, config.out_channels, device=device)
 
-    if state.is_main_process:
+    if main_process:
         print(
             f"train: {len(train_cases)} training and {len(val_cases)} validation case(s), "
             f"patch {patch}, classes {spec.labels}"
@@ -236,7 +239,7 @@ def run_train(args: argparse.Namespace) -> int:
         model_config=config.to_dict(),
     )
     result = trainer.fit()
-    if state.is_main_process:
+    if trainer.accelerator.is_main_process:
         print(f"train: final model in {result.final_dir}")
         if result.best_dir is not None:
             metric = f"{train_config.best_metric} {result.best_value:.4f}"

@@ -85,6 +85,11 @@ def test_pictures_and_masks(tmp_path):
     with pytest.raises(InputError, match=r"colour_mask\.png: the mask is a colour picture"):
         read_label(tmp_path / "colour_mask.png")
 
+    smooth = np.clip(np.arange(17 * 23).reshape(17, 23), 0, 255).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "lossy.png")
+    with pytest.raises(InputError, match=r"lossy\.png: .* neither a binary 0/255 mask"):
+        read_label(tmp_path / "lossy.png")
+
     write_mask(binary // 255, loaded, tmp_path / "o.png", num_classes=2)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")), binary)
     write_mask(classes, loaded, tmp_path / "o3.png", num_classes=4)
@@ -144,6 +149,18 @@ def test_2d_folder_problems_name_the_files(tmp_path):
     assert messages[0].startswith(str(tmp_path / "masks" / "b.png"))
     assert "mask size (10, 12) does not match image" in messages[0] and "(16, 16)" in messages[0]
     assert messages[1].startswith(str(tmp_path / "images" / "c.jpg"))
+
+
+def test_2d_class_index_masks_set_the_classes(tmp_path):
+    _pictures(tmp_path, ["a", "b"])
+    classes = np.zeros((16, 16), np.uint8)
+    classes[1:4, 1:4], classes[8:12, 8:12] = 1, 3
+    Image.fromarray(classes).save(tmp_path / "masks" / "b.png")
+    spec = discover(tmp_path)
+    loaded, problems = load_cases(spec, spec.cases)
+    assert not problems and spec.num_classes == 4
+    assert spec.labels == {"0": "background", "1": "class 1", "2": "class 2", "3": "class 3"}
+    np.testing.assert_array_equal(loaded[1].label[0], classes)
 
 
 def _decathlon(root, n=3, channels=1, nnunet=False):

@@ -181,7 +181,7 @@ def read_label(path: Path | str) -> Loaded:
     """A label map as ``[*spatial]`` int64 class indices.
 
     Binary picture masks (values 0 and 255, or 0 and 1) become 0/1; other pictures are
-    read as class indices. RGB masks must be grey (all three channels equal).
+    read as class indices (at most 100). RGB masks must be grey (all three channels equal).
     """
     path = Path(path)
     if not path.is_file():
@@ -209,6 +209,12 @@ def read_label(path: Path | str) -> Loaded:
     values = np.unique(labels)
     if values.max() == 255 and set(values.tolist()) <= {0, 255}:
         labels = (labels > 0).astype(np.int64)
+    elif values.max() > 100:
+        raise InputError(
+            path,
+            f"{len(values)} distinct values up to {values.max()}: neither a binary 0/255 mask "
+            "nor class indices (a JPEG-compressed or anti-aliased mask?)",
+        )
     return Loaded(path, labels, (1.0, 1.0), max_value=max_value)
 
 

@@ -127,3 +127,5 @@ def test_eval_rejects_mismatched_sizes(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "p"), str(tmp_path / "g")]) == 1
     out = capsys.readouterr().out
     assert f"{tmp_path / 'p' / 'x.png'}: size (10, 12) does not match ground truth" in out
+    assert main(["eval", str(tmp_path / "p"), str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'}: no such file or folder" in capsys.readouterr().out

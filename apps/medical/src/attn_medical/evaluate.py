@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from attn_medical.io import InputError, case_name, is_supported, read_label
+from attn_medical.io import InputError, case_name, is_supported, is_volume, read_label
 from attn_medical.metrics import ClassScore, ClassSummary, score_case, summarise
 
 
@@ -124,9 +124,13 @@ def write_results(
 
 
 def run_eval(args) -> int:
-    scores, problems = evaluate(
-        args.pred, args.gt, num_classes=args.num_classes, spacing=args.spacing
-    )
+    try:
+        scores, problems = evaluate(
+            args.pred, args.gt, num_classes=args.num_classes, spacing=args.spacing
+        )
+    except InputError as exc:
+        print(f"error: {exc}")
+        return 2
     for p in problems:
         print(f"error: {p}")
     if not scores:
@@ -140,6 +144,4 @@ def run_eval(args) -> int:
 
 
 def _has_volumes(path: Path) -> bool:
-    from attn_medical.io import is_volume
-
     return any(is_volume(p) for p in _files(path).values())

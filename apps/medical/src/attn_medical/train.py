@@ -114,7 +114,6 @@ def _write_splits(out: Path, splits: list[dict]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-
     from attn_medical.datasets import discover, kfold_splits, load_cases
     from attn_medical.io import InputError
     from attn_medical.losses import SegmentationLoss
@@ -145,54 +144,49 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"error: {args.data}: no usable case ({len(problems) + len(spec.problems)} failed)")
         return 2
 
-    names = [c.name for c in cases]
+    if args.fold >= args.folds:
+        print(f"error: --fold {args.fold} does not exist with --folds {args.folds}")
+        return 2
+    val_names: set[str] = set()
     if args.fold >= 0:
-        splits = kfold_splits(names, args.folds, args.split_seed)
-        if args.fold >= args.folds:
-            print(f"error: --fold {args.fold} does not exist with --folds {args.folds}")
+        try:
+            splits = kfold_splits([c.name for c in cases], args.folds, args.split_seed)
+        except ValueError as exc:
+            print(f"error: {args.data}: {exc}")
             return 2
         val_names = set(splits[args.fold]["val"])
         if main_process:
             _write_splits(args.output_dir, splits)
-    else:
-        val_names = set()
     train_cases = [c for c in cases if c.name not in val_names]
     val_cases = [c for c in cases if c.name in val_names]
 
-    strides = args.strides or [2] * (len(args.channels) - 1)
-    probe = AttentionResUNetConfig(
-        spatial_dims=spec.spatial_dims,
-        in_channels=len(spec.modalities),
-        out_channels=spec.num_classes,
-        channels=tuple(args.channels),
-        strides=tuple(strides),
-    )
+    try:
+        config = AttentionResUNetConfig(
+            spatial_dims=spec.spatial_dims,
+            in_channels=len(spec.modalities),
+            out_channels=spec.num_classes,
+            channels=tuple(args.channels),
+            strides=tuple(args.strides) if args.strides else None,
+            blocks_per_level=args.blocks_per_level,
+            norm=args.norm,
+            act=args.act,
+            dropout=args.dropout,
+            deep_supervision=args.deep_supervision,
+            labels=dict(spec.labels),
+        )
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
     if args.patch_size:
-        patch = list(args.patch_size)
-        if len(patch) == 1:
-            patch = patch * spec.spatial_dims
+        patch = list(args.patch_size) * (spec.spatial_dims if len(args.patch_size) == 1 else 1)
         if len(patch) != spec.spatial_dims:
             print(f"error: --patch-size needs {spec.spatial_dims} values")
             return 2
     else:
-        patch = auto_patch_size(
-            train_cases, probe.size_divisor, 256 if spec.spatial_dims == 2 else 96
-        )
+        cap = 256 if spec.spatial_dims == 2 else 96
+        patch = auto_patch_size(train_cases, config.size_divisor, cap)
     prep = build_preprocessing(spec, train_cases, patch)
-    config = AttentionResUNetConfig(
-        spatial_dims=spec.spatial_dims,
-        in_channels=len(spec.modalities),
-        out_channels=spec.num_classes,
-        channels=tuple(args.channels),
-        strides=tuple(strides),
-        blocks_per_level=args.blocks_per_level,
-        norm=args.norm,
-        act=args.act,
-        dropout=args.dropout,
-        deep_supervision=args.deep_supervision,
-        labels=dict(spec.labels),
-        preprocessing=prep.to_dict(),
-    )
+    config.preprocessing = prep.to_dict()
     train_config = TrainConfig.from_args(
         args,
         data=str(args.data),

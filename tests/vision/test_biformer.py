@@ -18,10 +18,12 @@ from attn_vision.models.biformer import (
     to_official_state_dict,
 )
 
-# A BiFormer small enough for float64 checks at 224 x 224 (stage sizes 56, 28, 14, 7).
-_DEPTHS, _DIMS = (1, 1, 2, 1), (16, 32, 64, 128)
-SMALL = {"depths": _DEPTHS, "embed_dims": _DIMS, "head_dim": 8, "num_classes": 7}
-SMALL_OFFICIAL = {"depth": _DEPTHS, "embed_dim": _DIMS, "head_dim": 8, "num_classes": 7}
+# A BiFormer small enough for float64 checks: 4x4 routing regions, so 128 x 128 inputs give
+# stage sizes 32, 16, 8, 4, divisible by the grid as the official code requires.
+_DEPTHS, _DIMS, _TOPKS = (1, 1, 2, 1), (16, 32, 64, 128), (1, 2, 4, -2)
+SMALL = {"depths": _DEPTHS, "embed_dims": _DIMS, "topks": _TOPKS, "head_dim": 8, "n_win": 4}
+SMALL_OFFICIAL = {"depth": _DEPTHS, "embed_dim": _DIMS, "topks": _TOPKS, "head_dim": 8, "n_win": 4}
+SMALL["num_classes"] = SMALL_OFFICIAL["num_classes"] = 7
 PAPER = {
     "biformer_tiny": (13.1e6, {"depth": (2, 2, 8, 2), "embed_dim": (64, 128, 256, 512)}),
     "biformer_small": (25.5e6, {"depth": (4, 4, 18, 4), "embed_dim": (64, 128, 256, 512)}),
@@ -57,7 +59,7 @@ def test_outputs_equal_the_official_forward_float64(refs):
     official = refs.randomize_(refs.OfficialBiFormer(**SMALL_OFFICIAL)).double().eval()
     ours = BiFormer(**SMALL).double().eval()
     ours.load_state_dict(from_official_state_dict(official.state_dict()), strict=True)
-    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    x = torch.randn(2, 3, 128, 128, dtype=torch.float64)
     with torch.no_grad():
         expected = official(x)
         got = ours(x)
@@ -77,7 +79,7 @@ def test_official_checkpoint_file_loads_strictly(tmp_path, refs):
     ours = BiFormer(**SMALL).eval()
     report = load_checkpoint(ours, path)
     assert report.loaded == len(ours.state_dict())
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), official(x), rtol=1e-4, atol=1e-4)
 

@@ -10,7 +10,7 @@ import pytest
 from attn_vision.cli import main
 from attn_vision.demo import digits
 
-STEPS = 60
+STEPS = 75
 
 
 @pytest.mark.slow

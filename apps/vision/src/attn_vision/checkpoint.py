@@ -69,14 +69,20 @@ def classifier_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)}
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, new_head: bool = False) -> LoadReport:
+def load_checkpoint(
+    model: nn.Module, path: str | Path, *, new_head: bool = False, skip_mismatched: bool = False
+) -> LoadReport:
     """Load the weights at ``path`` into ``model`` with strict key and shape checks.
 
     Official BiFormer checkpoints are renamed to this package's layout first. With
     ``new_head=True`` (fine-tuning to other classes) the classifier keeps its fresh
-    initialisation when its shape differs; every other key must still match.
+    initialisation when its shape differs; every other key must still match. With
+    ``skip_mismatched=True`` any missing or mis-shaped key keeps the model's value and
+    unexpected keys are ignored (all listed in the returned report).
     """
     state_dict = _filter_fn(model)(read_state_dict(path), model)
+    if skip_mismatched:
+        return load_state_dict_checked(model, state_dict, skip_mismatched=True, source=str(path))
     if not new_head:
         return load_state_dict_checked(model, state_dict, source=str(path))
     head = classifier_keys(model)

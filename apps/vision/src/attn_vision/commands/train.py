@@ -133,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_args(
         args, data=str(args.data), model=args.model, val_data=str(args.val_data or "")
     )
-    init_from, config.init_from = config.init_from, None  # loaded here, with BiFormer's mapping
+    # --init-from is loaded here (official BiFormer names, new heads), not by the harness
+    init_from, config.init_from = config.init_from, None
+    config.extra["init_from"] = None if init_from is None else str(init_from)
     seed_everything(config.seed)
 
     probe = labeled_dataset(args.data)
@@ -145,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
         args.model, num_classes=num_classes, drop_path_rate=args.drop_path, **args.model_kwargs
     )
     if init_from is not None:
-        report = load_checkpoint(model, init_from, new_head=True)
+        report = load_checkpoint(
+            model, init_from, new_head=True, skip_mismatched=config.init_skip_mismatched
+        )
         warn(f"initialised from {init_from}: {report.describe()}")
 
     train_tf, eval_tf, data_config = make_transforms(model, args)

@@ -46,8 +46,20 @@ def test_short_training_improves_held_out_si_sdr(one_thread):
     gen = torch.Generator().manual_seed(1)
     test_noisy = add_noise(test_clean, 0.0, gen)
 
+    # This short run is at the edge of improving and its outcome follows float32 rounding: the
+    # scan backends (equal in float64, test_enhance_scan) ended at +1.4 (chunked), +0.8
+    # (sequential) and -1.8 dB (fused). It runs the reference scan so that it stays a test of
+    # the training, not of rounding.
     model = MambAttention(
-        n_fft=128, hop=64, win=128, channels=8, num_blocks=1, num_heads=2, d_state=4, expand=2
+        n_fft=128,
+        hop=64,
+        win=128,
+        channels=8,
+        num_blocks=1,
+        num_heads=2,
+        d_state=4,
+        expand=2,
+        scan_backend="sequential",
     )
     loss_fn = make_loss_fn(model.stft)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)

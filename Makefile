@@ -3,6 +3,10 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# Test workers (pytest-xdist), one torch thread each: on few cores, many small ops run
+# far faster single-threaded than with threads waiting on each other.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
 export VENV PYTHON
 
 .PHONY: install demo test test-fast lint format bench clean
@@ -14,10 +18,10 @@ demo: install
 	$(BIN)/attn-demo --out demo-out
 
 test: install
-	$(BIN)/python -m pytest -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not gpu and not slow"
+	$(PYTEST) -m "not gpu and not slow"
 
 lint: install
 	$(BIN)/ruff check .

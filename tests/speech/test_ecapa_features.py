@@ -11,9 +11,10 @@ from speechbrain.processing.features import InputNormalization
 from attn_speech.ecapa.config import EcapaConfig
 from attn_speech.ecapa.fast import FastEcapa
 from attn_speech.ecapa.features import Fbank
-from attn_speech.ecapa.inference import pad_batch
+from attn_speech.ecapa.inference import Embedder, pad_batch
 from attn_speech.ecapa.lengths import frames_from_relative, relative_from_frames
 from attn_speech.ecapa.model import EcapaTDNN
+from attn_speech.ecapa.speaker import load_model
 
 
 @pytest.mark.parametrize("samples", [8000, 16001, 23457, 48000])
@@ -88,3 +89,13 @@ def test_fast_inference_model_equals_reference():
             fast(feats, lengths), model(feats, lengths), atol=2e-5, rtol=1e-5
         )
         torch.testing.assert_close(fast(feats[1:2]), model(feats[1:2]), atol=2e-5, rtol=1e-5)
+
+
+def test_bfloat16_embeddings_stay_close(tiny_model):
+    model = load_model(tiny_model)
+    wavs = [torch.randn(n) * 0.1 for n in (12000, 20011)]
+    full = Embedder(model).embed_waveforms(wavs)
+    half = Embedder(model, precision="bf16").embed_waveforms(wavs)
+    assert half.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(full, half).min() > 0.999
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched

@@ -73,6 +73,13 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
         default=0,
         help="files per batch; 0: 1 on CPU (padding costs more than batching gains), 16 on GPU",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="network precision: bf16 is about 2x faster on CPUs with bf16 instructions, "
+        "embeddings within cosine ~1e-5 of fp32 (default: fp32)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,6 +99,7 @@ def _embedder(args, device):
         device=device,
         batch_size=batch_size,
         normalize=getattr(args, "normalize", False),
+        precision=args.precision,
     )
 
 

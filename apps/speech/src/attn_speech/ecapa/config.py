@@ -7,7 +7,7 @@ Every field of :class:`EcapaConfig` is an argument of SpeechBrain's
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 ACTIVATIONS = ("relu", "leaky_relu")
 
@@ -57,9 +57,6 @@ class EcapaConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
     @classmethod
     def from_dict(cls, d: dict) -> EcapaConfig:
         known = {f.name for f in fields(cls)}
@@ -91,9 +88,6 @@ class FbankConfig:
     def win_samples(self) -> int:
         return round(self.sample_rate / 1000.0 * self.win_length)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> FbankConfig:
         known = {f.name for f in fields(cls)}
@@ -110,9 +104,6 @@ class ClassifierConfig:
     out_neurons: int
     lin_blocks: int = 0
     lin_neurons: int = 192
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ClassifierConfig:
@@ -149,9 +140,6 @@ class Threshold:
     trials: str | None = None
     eer: float | None = None
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Threshold:

@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attn_speech.ecapa.config import ClassifierConfig, EcapaConfig, FbankConfig, Threshold
@@ -143,11 +142,6 @@ class EcapaSpeaker(PretrainedMixin, nn.Module):
             else ""
         )
         return f"ECAPA-TDNN C={self.model_config.channels[0]} ({n / 1e6:.2f} M parameters{head})"
-
-
-def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine similarity of ``[N, D]`` and ``[N, D]`` -> ``[N]``."""
-    return F.cosine_similarity(a, b, dim=-1)
 
 
 def save_model(model: EcapaSpeaker, folder: str | Path) -> Path:

@@ -235,7 +235,8 @@ def register(sub, wrap=lambda f: f) -> None:
     s = sub.add_parser(
         "train",
         help="train or fine-tune ECAPA-TDNN (AAM-softmax) on speaker-labelled audio",
-        description=__doc__.strip().splitlines()[0],
+        description="Train or fine-tune ECAPA-TDNN on speaker-labelled audio with the shared "
+        "training harness (attn_training): AAM-softmax, random crops, augmentation.",
     )
     s.add_argument(
         "data", help="manifest CSV (ID,wav,spk_id[,duration]) or <speaker>/<file> folder"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core_attention.functional import attention
@@ -99,6 +100,18 @@ class AttentiveStatisticsPooling(nn.Module):
         var = pool((x - mean[..., None]).pow(2))
         return mean, var.clamp(min=self.eps).sqrt()
 
+    def _global_context_projection(self, x, mean, std):
+        """The scoring TDNN's 1x1 conv of ``[x; mean; std]`` without building the ``3C x T``
+        input: the mean and std columns are constant over time, so their part of the
+        projection is one ``[B, A]`` vector added to the conv of ``x``."""
+        conv = self.tdnn.conv.conv
+        c = x.shape[1]
+        weight = conv.weight[..., 0]  # [A, 3C]
+        context = mean @ weight[:, c : 2 * c].T + std @ weight[:, 2 * c :].T  # [B, A]
+        if conv.bias is not None:
+            context = context + conv.bias
+        return F.conv1d(x, weight[:, :c, None]) + context[..., None]
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"x must be [B, C, T], got shape {tuple(x.shape)}")
@@ -109,9 +122,10 @@ class AttentiveStatisticsPooling(nn.Module):
             weights = weights[:, None, :]
             mean = (weights * x).sum(dim=2, keepdim=True)
             std = (weights * (x - mean).pow(2)).sum(dim=2, keepdim=True).clamp(self.eps).sqrt()
-            scoring_input = torch.cat([x, mean.expand_as(x), std.expand_as(x)], dim=1)
+            hidden = self._global_context_projection(x, mean[..., 0], std[..., 0])
+            hidden = self.tdnn.norm(self.tdnn.activation(hidden))
         else:
-            scoring_input = x
-        scores = self.conv(self.tanh(self.tdnn(scoring_input)))
+            hidden = self.tdnn(x)
+        scores = self.conv(self.tanh(hidden))
         mean, std = self._weighted_stats(x, scores, frames)
         return torch.cat([mean, std], dim=1)[..., None]

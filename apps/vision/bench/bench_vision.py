@@ -9,7 +9,7 @@
 
 Both pairs are checked to give the same logits before timing. For each of ``forward``
 (inference, no grad) and ``train step`` (forward, backward, AdamW step) the script reports
-images/s (median of ``--repeats`` timed runs after a warm-up) and the peak memory: the
+images/s (median of ``--repeats`` interleaved timed runs after a warm-up) and the peak memory: the
 high-water mark of bytes allocated through PyTorch's CPU allocator during one call, above
 what was allocated before it (weights, optimizer state from the warm-up and inputs are not
 counted; activations, saved tensors and gradients are), read from ``torch.profiler``'s
@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
+
+# The gather reference and the measurement helpers are the core benchmark's own, so the
+# layer-level and model-level figures compare against the same code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "packages/core_attention/bench"))
+from _measure import median_seconds, peak_bytes
+from bench_bilevel_routing import gather_bra
 
 import attn_vision  # noqa: F401  (registers the models)
 from attn_vision.models.halonet import use_core_halo_attention
@@ -37,41 +42,15 @@ from core_attention.layers.bilevel_routing import BiLevelRoutingAttention
 
 
 class GatherBRA(nn.Module):
-    """Official-style BRA forward (identity key/value, hard routing, sizes divisible by
-    ``n_win``) reading the weights of a ``BiLevelRoutingAttention``."""
+    """A routing layer that runs the official-style gather forward of the core benchmark
+    (``bench_bilevel_routing.gather_bra``) with the weights of a ``BiLevelRoutingAttention``."""
 
     def __init__(self, ours: BiLevelRoutingAttention):
         super().__init__()
-        self.n_win, self.num_heads, self.topk = ours.n_win, ours.num_heads, ours.topk
-        self.qk_dim, self.scale = ours.qk_dim, ours.scale
-        self.qkv, self.wo, self.lepe = ours.qkv, ours.wo, ours.lepe
+        self.ours = ours
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, H, W, C = x.shape
-        nw, qk, m = self.n_win, self.qk_dim, self.num_heads
-        h, w, p2 = H // nw, W // nw, nw * nw
-        x = x.reshape(n, nw, h, nw, w, C).permute(0, 1, 3, 2, 4, 5).reshape(n, p2, h, w, C)
-        q, kv = self.qkv.qkv(x).split([qk, qk + C], dim=-1)
-        q_pix = q.reshape(n, p2, h * w, qk)
-        kv_pix = kv.reshape(n, p2, h * w, qk + C)
-        q_win, k_win = q.mean([2, 3]), kv[..., :qk].mean([2, 3])
-        v_img = kv[..., qk:].reshape(n, nw, nw, h, w, C).permute(0, 5, 1, 3, 2, 4)
-        lepe = self.lepe(v_img.reshape(n, C, H, W).contiguous()).permute(0, 2, 3, 1)
-        logits = (q_win.detach() * self.scale) @ k_win.detach().transpose(-2, -1)
-        _, r_idx = torch.topk(logits, k=self.topk, dim=-1)
-        w2, ckv = h * w, qk + C
-        sel = torch.gather(
-            kv_pix.view(n, 1, p2, w2, ckv).expand(-1, p2, -1, -1, -1),
-            dim=2,
-            index=r_idx.view(n, p2, self.topk, 1, 1).expand(-1, -1, -1, w2, ckv),
-        )
-        k_sel, v_sel = sel.split([qk, C], dim=-1)
-        k_sel = k_sel.reshape(n * p2, self.topk * w2, m, -1).permute(0, 2, 3, 1)
-        v_sel = v_sel.reshape(n * p2, self.topk * w2, m, -1).transpose(1, 2)
-        q_pix = q_pix.reshape(n * p2, w2, m, -1).transpose(1, 2)
-        attn = ((q_pix * self.scale) @ k_sel).softmax(-1)
-        out = (attn @ v_sel).reshape(n, nw, nw, m, h, w, -1).permute(0, 1, 4, 2, 5, 3, 6)
-        return self.wo(out.reshape(n, H, W, C) + lepe)
+        return gather_bra(self.ours, x)
 
 
 def with_gather_attention(model: nn.Module) -> nn.Module:
@@ -82,29 +61,6 @@ def with_gather_attention(model: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, GatherBRA(mod))
     return model
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Allocator high-water mark of one call of ``fn`` above the allocation before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (also creates the optimizer state)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def tasks(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -138,8 +94,8 @@ def compare(title: str, ours: nn.Module, reference: nn.Module, x: torch.Tensor, 
     print("|---|---:|---:|---:|---:|---:|---:|")
     ref_tasks, our_tasks = tasks(reference, x), tasks(ours, x)
     for name in ref_tasks:
-        t_ref = median_seconds(ref_tasks[name], repeats)
-        t_our = median_seconds(our_tasks[name], repeats)
+        times = median_seconds({"ref": ref_tasks[name], "ours": our_tasks[name]}, repeats)
+        t_ref, t_our = times["ref"], times["ours"]
         m_ref, m_our = peak_bytes(ref_tasks[name]), peak_bytes(our_tasks[name])
         print(
             f"| {name} | {b / t_ref:.2f} | {b / t_our:.2f} | {t_ref / t_our:.2f}x | "

@@ -27,6 +27,8 @@ import torch
 import torchaudio.functional as AF
 from tqdm.auto import tqdm
 
+from attn_speech.outputs import replace_folder
+
 SAMPLE_RATE = 16000
 ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan")
 VARIANTS = [
@@ -197,6 +199,12 @@ class Voice:
         return f"{self.accent}+{self.variant}"
 
 
+def require_espeak() -> None:
+    """Raise a clear error when Debian's espeak-ng, which synthesises every corpus, is absent."""
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+
+
 def make_voices(n: int, seed: int) -> list[Voice]:
     """``n`` distinct voices; each variant is used once before any is reused."""
     have = available_variants()
@@ -285,12 +293,8 @@ def make_speaker_corpus(
         raise ValueError(
             f"dev speakers must be 0 or in [2, {speakers - test_speakers - 1}], got {dev_speakers}"
         )
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
-        shutil.rmtree(out)
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    replace_folder(out, overwrite)
+    require_espeak()
     voices = make_voices(speakers, seed)
     rng = random.Random(seed + 1)
     order = rng.sample([v.spk_id for v in voices], len(voices))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +19,14 @@ def check_writable(paths: Iterable[Path], overwrite: bool) -> None:
         raise OutputExistsError(
             f"would overwrite {', '.join(existing)}; pass --overwrite or choose another --out"
         )
+
+
+def replace_folder(out: Path, overwrite: bool) -> None:
+    """Empty ``out`` for a freshly generated data set; a non-empty folder needs ``overwrite``."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
+        shutil.rmtree(out)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:

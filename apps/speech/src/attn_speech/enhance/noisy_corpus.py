@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,8 +33,9 @@ import numpy as np
 import soundfile as sf
 
 from attn_speech.audio import load_audio
-from attn_speech.corpus import make_voices, sentence, synthesise
+from attn_speech.corpus import make_voices, require_espeak, sentence, synthesise
 from attn_speech.enhance.inference import AUDIO_SUFFIXES
+from attn_speech.outputs import replace_folder
 
 __all__ = ["NOISE_TYPES", "colored_noise", "hum", "make_noisy_corpus", "mix_at_snr"]
 
@@ -138,12 +138,8 @@ def make_noisy_corpus(
         raise ValueError(f"empty SNR range {snr_range}")
     if speakers < 3 or train < 1 or test < 1:
         raise ValueError("need at least 3 speakers and one train and one test pair")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
-        shutil.rmtree(out)
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    replace_folder(out, overwrite)
+    require_espeak()
     folder = _read_noise_folder(noise_dir) if noise_dir is not None else []
 
     # speakers split in three; babble talkers are further voices never used as speech

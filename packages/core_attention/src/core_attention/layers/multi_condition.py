@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from core_attention.functional import attention
+from core_attention.layers.multi_head import head_layout
 
 __all__ = ["MultiConditionCrossAttention"]
 
@@ -71,13 +72,7 @@ class MultiConditionCrossAttention(nn.Module):
         super().__init__()
         if not condition_dims:
             raise ValueError("condition_dims needs at least one condition")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads")
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim ({dim}) is not divisible by num_heads ({num_heads})")
-            head_dim = dim // num_heads
+        num_kv_heads, head_dim = head_layout(dim, num_heads, num_kv_heads, head_dim)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

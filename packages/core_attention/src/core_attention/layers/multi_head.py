@@ -30,6 +30,21 @@ def make_qk_norm(kind: str | None, head_dim: int, eps: float) -> nn.Module:
     raise ValueError(f"qk_norm must be 'rms', 'layer' or None, got {kind!r}")
 
 
+def head_layout(
+    dim: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None
+) -> tuple[int, int]:
+    """Checked ``(num_kv_heads, head_dim)``: K/V heads default to ``num_heads`` and must
+    divide it; the head dim defaults to ``dim / num_heads``."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads")
+    if head_dim is None:
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) is not divisible by num_heads ({num_heads})")
+        head_dim = dim // num_heads
+    return num_kv_heads, head_dim
+
+
 class MultiHeadAttention(nn.Module):
     """Self or cross multi-head attention on token sequences.
 
@@ -89,13 +104,7 @@ class MultiHeadAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads")
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim ({dim}) is not divisible by num_heads ({num_heads})")
-            head_dim = dim // num_heads
+        num_kv_heads, head_dim = head_layout(dim, num_heads, num_kv_heads, head_dim)
         context_dim = dim if context_dim is None else context_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

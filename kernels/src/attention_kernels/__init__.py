@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available_kernels", "interpreter_enabled", "triton_status"]
+__all__ = ["available_kernels", "device_unsupported_reason", "interpreter_enabled", "triton_status"]
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,21 @@ _KERNELS: tuple[str, ...] = ("dense_attention",)
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1``: kernels then run on CPU tensors (slowly)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_unsupported_reason(device) -> str | None:
+    """``None`` when kernels can run on ``device`` (a ``torch.device``), else why not.
+
+    Cheap on purpose: it imports neither Triton nor the kernel modules, so a CPU-only
+    process asking ``core_attention`` for ``backend="auto"`` never pays for them.
+    """
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    if device.type != "cuda":
+        return f"tensors on {device.type} are not supported (CUDA only)"
+    return None
 
 
 # A plain module-level cache rather than functools.lru_cache: torch.compile traces through

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from attention_kernels import interpreter_enabled
+from attention_kernels import device_unsupported_reason, interpreter_enabled
 
 __all__ = ["MAX_HEAD_DIM", "flash_attn_func", "unsupported_reason"]
 
@@ -91,14 +91,12 @@ def unsupported_reason(q, k, v, *, key_lengths=None) -> str | None:
     for name, t in tensors[1:]:
         if t.device != device and not (name == "key_lengths" and t.device.type == "cpu"):
             return f"{name} is on {t.device} but q is on {device}"
-    if device.type == "cpu":
-        if not interpreter_enabled():
-            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-        if q.dtype == torch.bfloat16:
-            # Seen with triton 3.5: the interpreter's tl.dot returns garbage for bfloat16.
-            return "bfloat16 is not supported under the Triton interpreter (use float16 or float32)"
-    elif device.type != "cuda":
-        return f"tensors on {device.type} are not supported (CUDA only)"
+    why = device_unsupported_reason(device)
+    if why is not None:
+        return why
+    if device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Seen with triton 3.5: the interpreter's tl.dot returns garbage for bfloat16.
+        return "bfloat16 is not supported under the Triton interpreter (use float16 or float32)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16 or float32)"
     d, dv = q.shape[-1], v.shape[-1]

@@ -72,6 +72,9 @@ def triton_unsupported_reason(
     """``None`` when a Triton kernel runs this call, else why it cannot."""
     import attention_kernels
 
+    why = attention_kernels.device_unsupported_reason(q.device)
+    if why is not None:
+        return why
     ok, why = attention_kernels.triton_status()
     if not ok:
         return why

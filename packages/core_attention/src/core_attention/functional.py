@@ -92,14 +92,6 @@ def triton_unsupported_reason(
     return unsupported_reason(q, k, v, key_lengths=key_lengths)
 
 
-def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, float("-inf")
-        )
-    return mask.to(dtype)
-
-
 def _combine(mask_a: torch.Tensor | None, mask_b: torch.Tensor, dtype) -> torch.Tensor:
     """Combine an optional user mask with a boolean mask (both broadcastable)."""
     if mask_a is None:

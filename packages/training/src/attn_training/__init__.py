@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AuxModel": "attn_training.trainer",
     "TrainConfig": "attn_training.options",
     "add_train_arguments": "attn_training.options",
     "Trainer": "attn_training.trainer",
@@ -35,6 +36,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AuxModel",
     "BadDataError",
     "CheckpointError",
     "ModelEMA",
@@ -66,7 +68,13 @@ if TYPE_CHECKING:
         save_pretrained_state,
     )
     from attn_training.rng import seed_everything
-    from attn_training.trainer import NonFiniteLossError, Trainer, TrainResult, TrainState
+    from attn_training.trainer import (
+        AuxModel,
+        NonFiniteLossError,
+        Trainer,
+        TrainResult,
+        TrainState,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,8 @@ rng.safetensors     generator states of every rank, stacked on the first axis
 optimizer.pt        optimizer state  } plain containers of tensors and numbers,
 scheduler.pt        scheduler state  } read with ``torch.load(weights_only=True)``
 scaler.pt           fp16 grad scaler }
+aux/<name>/         an auxiliary model trained alongside (e.g. a GAN discriminator):
+                    its model.safetensors, optimizer.pt and scheduler.pt
 trainer_state.json  step, data position, counters, best metric, ...
 manifest.json       size and SHA-256 of every file above, written last
 ==================  ========================================================
@@ -57,6 +59,28 @@ class CheckpointContent:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     ema: dict[str, torch.Tensor] | None = None
+    aux: dict[str, AuxContent] = field(default_factory=dict)
+    """Auxiliary models by name."""
+
+
+@dataclass
+class AuxContent:
+    """An auxiliary model's weights, optimizer and scheduler states."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None = None
+
+
+AUX_DIR = "aux"
+_AUX_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_aux_name(name: str) -> str:
+    """``name`` if it can name an auxiliary model's folder, else ``ValueError``."""
+    if not _AUX_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"auxiliary model name {name!r}: use letters, digits, '_', '-', '.'")
+    return name
 
 
 def checkpoint_name(step: int) -> str:
@@ -88,6 +112,13 @@ def save_checkpoint(root: Path, step: int, content: CheckpointContent) -> Path:
             torch.save(content.scheduler, tmp / "scheduler.pt")
         if content.scaler is not None:
             torch.save(content.scaler, tmp / "scaler.pt")
+        for name, aux in content.aux.items():
+            folder = tmp / AUX_DIR / check_aux_name(name)
+            folder.mkdir(parents=True)
+            _save_tensors(folder / "model.safetensors", aux.model)
+            torch.save(aux.optimizer, folder / "optimizer.pt")
+            if aux.scheduler is not None:
+                torch.save(aux.scheduler, folder / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(
             json.dumps(content.state, indent=2, sort_keys=True) + "\n"
         )
@@ -174,9 +205,17 @@ def load_checkpoint(folder: Path, *, verify: bool = True) -> CheckpointContent:
         path = folder / name
         return load_file(path) if path.is_file() else None
 
-    def obj(name: str) -> Any:
+    def obj(name: str | Path) -> Any:
         path = folder / name
         return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+    aux = {}
+    aux_root = folder / AUX_DIR
+    for sub in sorted(aux_root.iterdir()) if aux_root.is_dir() else []:
+        weights, opt = tensors(f"{AUX_DIR}/{sub.name}/model.safetensors"), obj(sub / "optimizer.pt")
+        if weights is None or opt is None:
+            raise CheckpointError(f"{sub}: auxiliary model without weights or optimizer state")
+        aux[sub.name] = AuxContent(weights, opt, obj(sub / "scheduler.pt"))
 
     model = tensors("model.safetensors")
     optimizer = obj("optimizer.pt")
@@ -190,4 +229,5 @@ def load_checkpoint(folder: Path, *, verify: bool = True) -> CheckpointContent:
         scheduler=obj("scheduler.pt"),
         scaler=obj("scaler.pt"),
         ema=tensors("ema.safetensors"),
+        aux=aux,
     )

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 
 from attn_training.checkpoint import (
     MANIFEST_NAME,
+    AuxContent,
     CheckpointContent,
     CheckpointError,
+    check_aux_name,
     checkpoint_name,
     checkpoint_step,
     find_latest_valid,
@@ -77,6 +79,29 @@ SchedulerFn = Callable[[torch.optim.Optimizer, int], Any]
 
 _FULL_GET = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _FULL_SET = StateDictOptions(full_state_dict=True)
+
+
+@dataclass
+class AuxModel:
+    """A second network trained alongside the model, e.g. a GAN discriminator.
+
+    It gets its own optimizer (``optimizer_fn(module)``; default AdamW with ``--lr`` and
+    ``--weight-decay``) and its own copy of the learning-rate schedule, is checkpointed and
+    resumed with the model, and is not exported. The loss function receives the prepared
+    auxiliary modules and returns one loss whose graph reaches every network: each
+    optimizer steps on the gradients its parameters received (detach or freeze a network
+    where another one's loss must not train it).
+    """
+
+    module: torch.nn.Module
+    optimizer_fn: OptimizerFn | None = None
+
+
+@dataclass
+class _Aux:
+    module: Any
+    optimizer: Any
+    scheduler: Any
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,7 +158,9 @@ class Trainer:
         config: the options (usually ``TrainConfig.from_args(args)``).
         loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, {name: value})``; ``batch``
             is the collated batch already on the training device, ``model`` the wrapped
-            (DDP/FSDP) model. Extra values are logged as ``train/<name>``.
+            (DDP/FSDP) model. Extra values are logged as ``train/<name>``. With
+            ``aux_models`` it is called as ``loss_fn(model, batch, aux)``, ``aux`` mapping
+            each name to its wrapped module.
         val_fn: ``val_fn(model) -> {name: value}``, called on every process in eval mode
             without gradients, with the EMA weights when EMA is on. Values are averaged
             over processes; ``config.best_metric`` must be one of the names.
@@ -148,6 +175,8 @@ class Trainer:
         shuffle: draw a new random order every epoch (else the dataset order).
         loader_kwargs: extra ``DataLoader`` arguments (e.g. ``prefetch_factor``).
         accelerator: an ``accelerate.Accelerator`` to use instead of building one.
+        aux_models: ``{name: AuxModel}``, networks trained alongside ``model`` with their
+            own optimizers (checkpointed under ``aux/<name>/``; not exported).
     """
 
     def __init__(
@@ -165,6 +194,7 @@ class Trainer:
         shuffle: bool = True,
         loader_kwargs: Mapping[str, Any] | None = None,
         accelerator: Any = None,
+        aux_models: Mapping[str, AuxModel] | None = None,
     ) -> None:
         self.model = model
         self.train_dataset = train_dataset
@@ -178,6 +208,8 @@ class Trainer:
         self.shuffle = shuffle
         self.loader_kwargs = dict(loader_kwargs or {})
         self.accelerator = accelerator
+        self.aux_models = {check_aux_name(k): v for k, v in (aux_models or {}).items()}
+        self._aux: dict[str, _Aux] = {}
         self.state = TrainState()
         self.last_checkpoint: Path | None = None
 
@@ -323,6 +355,16 @@ class Trainer:
             scheduler=scheduler.state_dict(),
             scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
             ema=ema.state_dict() if ema is not None else None,
+            aux={
+                name: AuxContent(
+                    model=get_model_state_dict(aux.module, options=_FULL_GET),
+                    optimizer=get_optimizer_state_dict(
+                        aux.module, aux.optimizer.optimizer, options=_FULL_GET
+                    ),
+                    scheduler=aux.scheduler.state_dict(),
+                )
+                for name, aux in self._aux.items()
+            },
         )
         path = self.checkpoint_root / checkpoint_name(self.state.step)
         if acc.is_main_process:
@@ -348,6 +390,7 @@ class Trainer:
                 ema.module.load_state_dict(acc.unwrap_model(model).state_dict())
             else:
                 ema.load_state_dict({k: v.to(acc.device) for k, v in content.ema.items()})
+        self._restore_aux(acc, path, content)
         saved = TrainState.from_json(content.state)
         cfg = self.config
         changed = [
@@ -376,6 +419,27 @@ class Trainer:
         if acc.is_main_process:
             logger.info("resumed from %s (step %d)", path, saved.step)
 
+    def _restore_aux(self, acc: Any, path: Path, content: CheckpointContent) -> None:
+        for name, aux in self._aux.items():
+            saved = content.aux.get(name)
+            if saved is None:
+                if acc.is_main_process:
+                    logger.warning(
+                        "%s has no auxiliary model %r: it starts from its initial weights",
+                        path,
+                        name,
+                    )
+                continue
+            set_model_state_dict(aux.module, saved.model, options=_FULL_SET)
+            set_optimizer_state_dict(
+                aux.module, aux.optimizer.optimizer, saved.optimizer, options=_FULL_SET
+            )
+            if saved.scheduler is not None:
+                aux.scheduler.load_state_dict(saved.scheduler)
+        unused = sorted(set(content.aux) - set(self._aux))
+        if unused and acc.is_main_process:
+            logger.warning("%s: auxiliary models not used by this run: %s", path, unused)
+
     def _export(self, acc: Any, folder: Path, model: Any, ema: Any, extra: Any = None) -> None:
         weights = (
             ema.state_dict() if ema is not None else get_model_state_dict(model, options=_FULL_GET)
@@ -402,13 +466,28 @@ class Trainer:
             good += batch.size
             failed += len(batch.bad)
             sync = micro == cfg.grad_accum - 1
-            with nullcontext() if sync else acc.no_sync(model):
+            modules = [model, *(aux.module for aux in self._aux.values())]
+            with ExitStack() as stack:
+                if not sync:
+                    for module in modules:
+                        stack.enter_context(acc.no_sync(module))
                 if batch.data is None:
                     # Every sample failed: contribute zero gradients so that the other
                     # ranks' gradient reduction still completes.
-                    loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+                    loss = sum(
+                        (p * 0).sum()
+                        for module in modules
+                        for p in module.parameters()
+                        if p.requires_grad
+                    )
                 else:
-                    loss, values = _split_loss(self.loss_fn(model, _to_device(batch.data, acc)))
+                    data = _to_device(batch.data, acc)
+                    if self._aux:
+                        aux_modules = {name: aux.module for name, aux in self._aux.items()}
+                        out = self.loss_fn(model, data, aux_modules)  # type: ignore[call-arg]
+                    else:
+                        out = self.loss_fn(model, data)
+                    loss, values = _split_loss(out)
                     loss_sum += loss.detach().float()
                     finite *= torch.isfinite(loss.detach()).float()
                     losses += 1
@@ -443,10 +522,16 @@ class Trainer:
         else:
             max_norm = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
             grad_norm = float(acc.clip_grad_norm_(model.parameters(), max_norm))
+            for name, aux in self._aux.items():
+                aux_norm = float(acc.clip_grad_norm_(aux.module.parameters(), max_norm))
+                result[f"grad_norm_{name}"] = aux_norm
+                grad_norm = grad_norm if math.isfinite(aux_norm) else aux_norm
             if not math.isfinite(grad_norm) and acc.scaler is None:
                 skip = "nonfinite"
         if skip is None:
             optimizer.step()
+            for aux in self._aux.values():
+                aux.optimizer.step()
             if ema is not None and not acc.optimizer_step_was_skipped:
                 ema.update(acc.unwrap_model(model))
             self.state.nonfinite_streak = 0
@@ -454,6 +539,8 @@ class Trainer:
         else:
             self.state.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
+        for aux in self._aux.values():
+            aux.optimizer.zero_grad(set_to_none=True)
         if skip == "nonfinite":
             self.state.nonfinite_streak += 1
             streak = self.state.nonfinite_streak
@@ -505,6 +592,26 @@ class Trainer:
 
     # --------------------------------------------------------------------- fit
 
+    def _optimizer(self, spec: AuxModel) -> torch.optim.Optimizer:
+        if spec.optimizer_fn is not None:
+            return spec.optimizer_fn(spec.module)
+        cfg = self.config
+        params = [p for p in spec.module.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _build_scheduler(self, optimizer: Any, total: int) -> Any:
+        if self.scheduler_fn is not None:
+            return self.scheduler_fn(optimizer.optimizer, total)
+        cfg = self.config
+        return build_scheduler(
+            optimizer.optimizer,
+            kind=cfg.lr_schedule,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=total,
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+        )
+
     def total_steps(self, sampler: EpochBatchSampler) -> int:
         """Optimizer steps of the run (``--max-steps``, else ``--epochs`` worth)."""
         cfg = self.config
@@ -532,11 +639,7 @@ class Trainer:
         if resume_from is None and cfg.init_from is not None:
             self._load_initial_weights(model)
         ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
-        if self.optimizer_fn is not None:
-            optimizer = self.optimizer_fn(model)
-        else:
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = self._optimizer(AuxModel(model, self.optimizer_fn))
         sampler = EpochBatchSampler(
             len(self.train_dataset),  # type: ignore[arg-type]
             cfg.batch_size,
@@ -547,16 +650,14 @@ class Trainer:
         )
         total = self.total_steps(sampler)
         model, optimizer = acc.prepare(model, optimizer)
-        if self.scheduler_fn is not None:
-            scheduler = self.scheduler_fn(optimizer.optimizer, total)
-        else:
-            scheduler = build_scheduler(
-                optimizer.optimizer,
-                kind=cfg.lr_schedule,
-                warmup_steps=cfg.warmup_steps,
-                total_steps=total,
-                lr=cfg.lr,
-                min_lr=cfg.min_lr,
+        scheduler = self._build_scheduler(optimizer, total)
+        self._aux = {}
+        if self.aux_models and acc.scaler is not None:
+            raise ValueError("auxiliary models are not supported with --precision fp16")
+        for name, spec in self.aux_models.items():
+            aux_module, aux_optimizer = acc.prepare(spec.module, self._optimizer(spec))
+            self._aux[name] = _Aux(
+                aux_module, aux_optimizer, self._build_scheduler(aux_optimizer, total)
             )
         if ema is not None:
             ema.to(acc.device)
@@ -612,6 +713,8 @@ class Trainer:
                 state.step += 1
                 state.epoch, state.position = stream.epoch, stream.position
                 advance_scheduler(scheduler, state.step)
+                for aux in self._aux.values():
+                    advance_scheduler(aux.scheduler, state.step)
                 bar.update(1)
                 for key, value in out.items():
                     window.setdefault(key, []).append(value)

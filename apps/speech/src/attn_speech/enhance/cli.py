@@ -64,17 +64,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from attn_speech.enhance.data import PairedSpeech, find_pairs
+    from attn_speech.enhance.discriminator import MetricDiscriminator
     from attn_speech.enhance.losses import LossWeights
     from attn_speech.enhance.model import MambAttention
-    from attn_speech.enhance.train import make_loss_fn
-    from attn_training import TrainConfig, Trainer, seed_everything
+    from attn_speech.enhance.train import DISCRIMINATOR, make_loss_fn
+    from attn_training import AuxModel, TrainConfig, Trainer, seed_everything
 
     try:
         pairs = find_pairs(args.clean, args.noisy, args.manifest)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    config = TrainConfig.from_args(args, clean=args.clean, noisy=args.noisy, manifest=args.manifest)
+    config = TrainConfig.from_args(
+        args,
+        clean=args.clean,
+        noisy=args.noisy,
+        manifest=args.manifest,
+        metric_discriminator=args.metric_discriminator,
+    )
     seed_everything(config.seed)
     model = MambAttention(
         channels=args.channels,
@@ -90,9 +97,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         complex=args.w_complex,
         time=args.w_time,
         consistency=args.w_consistency,
+        metric=args.w_metric,
     )
-    loss_fn = make_loss_fn(model.stft, weights)
-    result = Trainer(model, dataset, config, loss_fn=loss_fn).fit()
+    loss_fn = make_loss_fn(model.stft, weights, metric_discriminator=args.metric_discriminator)
+    aux = {}
+    if args.metric_discriminator:
+        aux[DISCRIMINATOR] = AuxModel(MetricDiscriminator(args.disc_channels))
+    result = Trainer(model, dataset, config, loss_fn=loss_fn, aux_models=aux).fit()
     print(f"model in {result.final_dir}")
     return 0
 
@@ -165,9 +176,19 @@ def register(cli) -> None:
         ("complex", 0.1),
         ("time", 0.2),
         ("consistency", 0.1),
+        ("metric", 0.05),
     ):
         s.add_argument(
             f"--w-{name}", type=float, default=default, help=f"{name} loss weight ({default})"
         )
+    s.add_argument(
+        "--metric-discriminator",
+        action="store_true",
+        help="train MP-SENet's metric discriminator (predicts PESQ) beside the model and add "
+        "its metric loss (--w-metric) to the generator's",
+    )
+    s.add_argument(
+        "--disc-channels", type=int, default=16, help="discriminator width (default: 16)"
+    )
     add_train_arguments(s, batch_size=4, lr=5e-4, output_dir="runs/enhance", max_steps=100_000)
     s.set_defaults(func=cmd_train)

@@ -3,6 +3,12 @@ State Spaces"; the layout and initialisation of ``mamba_ssm.modules.mamba_simple
 and the bidirectional wrapper of SEMamba / MambAttention (Kühne et al. 2025).
 
 Shapes: ``[B, L, C]`` in and out.
+
+Without gradients (inference) and with the compiled kernels of
+:mod:`attn_speech.enhance.scan_kernel`, a Mamba layer runs on the token-major layout of its
+projections throughout: three GEMMs, one pass for the convolution and SiLU, one pass for
+the step size, the scan, the skip term and the gate; the backward direction of
+:class:`BiMamba` runs its convolution and scan from the last step instead of flipping.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attn_speech.enhance import scan_kernel
 from attn_speech.enhance.selective_scan import selective_scan
 
 __all__ = ["BiMamba", "Mamba", "ResidualMamba"]
@@ -69,7 +76,23 @@ class Mamba(nn.Module):
         with torch.no_grad():  # softplus(bias) = dt
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_path(self, x: torch.Tensor) -> bool:
+        if self.scan_backend not in ("auto", "kernel"):
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            return False
+        width = self.conv1d.kernel_size[0]
+        return scan_kernel.supports(x, self.d_state, self.dt_rank, width)
+
+    def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """``[B, L, C]`` -> ``[B, L, C]``; ``reverse``: run from the last step to the first
+        (the layer applied to ``x.flip(1)``, flipped back)."""
+        if self._kernel_path(x):
+            return self._forward_kernel(x, reverse)
+        if reverse:
+            return self.forward(x.flip(1)).flip(1)
         length = x.shape[1]
         xz = self.in_proj(x).transpose(1, 2)  # [B, 2 d_inner, L]
         u, z = xz.chunk(2, dim=1)
@@ -91,6 +114,27 @@ class Mamba(nn.Module):
         )
         return self.out_proj(y.transpose(1, 2))
 
+    def _forward_kernel(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
+        r, n = self.dt_rank, self.d_state
+        xz = F.linear(x, self.in_proj.weight)  # [B, L, 2 d_inner]
+        u = scan_kernel.conv_silu(
+            xz[..., : self.d_inner], self.conv1d.weight[:, 0], self.conv1d.bias, reverse
+        )
+        dbc = F.linear(u, self.x_proj.weight)  # [B, L, R + 2N]
+        y = scan_kernel.scan_tokens(
+            u,
+            dbc[..., :r],
+            -torch.exp(self.A_log.float()),
+            dbc[..., r : r + n],
+            dbc[..., r + n :],
+            self.D.float(),
+            z=xz[..., self.d_inner :],
+            dt_weight=self.dt_proj.weight,
+            dt_bias=self.dt_proj.bias.float(),
+            reverse=reverse,
+        )
+        return F.linear(y, self.out_proj.weight)
+
 
 class ResidualMamba(nn.Module):
     """``x + Mamba(RMSNorm(x))`` (mamba_ssm's ``Block`` with one layer)."""
@@ -100,8 +144,8 @@ class ResidualMamba(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.mixer = Mamba(d_model, **mamba_kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))
+    def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), reverse)
 
 
 class BiMamba(nn.Module):
@@ -119,5 +163,7 @@ class BiMamba(nn.Module):
         self.proj = nn.ConvTranspose1d(2 * d_model, d_model, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([self.forward_mamba(x), self.backward_mamba(x.flip(1)).flip(1)], dim=-1)
-        return x + self.proj(y.transpose(1, 2)).transpose(1, 2)
+        c = x.shape[-1]
+        w = self.proj.weight[:, :, 0]  # [2C, C]: the 1x1 transposed convolution as a GEMM
+        y = F.linear(self.forward_mamba(x), w[:c].t(), self.proj.bias)
+        return x + y + F.linear(self.backward_mamba(x, reverse=True), w[c:].t())

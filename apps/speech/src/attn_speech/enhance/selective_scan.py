@@ -10,11 +10,15 @@ For every channel ``d`` and state ``n``::
 :data:`BACKENDS` (``"sequential"``: a step-by-step loop, the reference; ``"chunked"``: chunks
 of the sequence scanned in parallel with a Hillis-Steele doubling scan, the state carried
 from chunk to chunk; ``"fused"``: the step loop on time-major inputs, the state updated by
-one fused multiply-add and read out by one batched matmul, the default). On CPU the step
-loop wins: its per-step state ``[B, D, N]`` stays in cache, whereas every parallel form
-streams ``[B, D, chunk, N]`` tensors through memory several times (measured in
-``apps/speech/bench/bench_enhance.py``). A GPU kernel registers itself in :data:`BACKENDS`
-under a new name and becomes available to every caller.
+one fused multiply-add and read out by one batched matmul; ``"kernel"``: the compiled CPU
+loop of :mod:`attn_speech.enhance.scan_kernel`, which keeps a block of the state in
+registers for the whole sequence and applies ``D`` and the gate in the same pass, with
+gradients by recomputing the forward with ``"fused"``). On CPU the step loops win: the
+state stays in cache, whereas every parallel form streams ``[B, D, chunk, N]`` tensors
+through memory several times (measured in ``apps/speech/bench/bench_enhance.py``).
+``"auto"`` runs ``"kernel"`` when no gradient is needed and the kernel could be built,
+else ``"fused"``. A GPU kernel registers itself in :data:`BACKENDS` under a new name and
+becomes available to every caller.
 
 Shapes: ``u``, ``delta``, ``z`` ``[B, D, L]``; ``A`` ``[D, N]``; ``B``, ``C`` ``[B, N, L]``;
 ``D`` ``[D]``; ``delta_bias`` ``[D]``; returns ``[B, D, L]``.
@@ -27,7 +31,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "scan_chunked", "scan_fused", "scan_sequential", "selective_scan"]
+from attn_speech.enhance import scan_kernel
+
+__all__ = [
+    "BACKENDS",
+    "scan_chunked",
+    "scan_fused",
+    "scan_kernel_cpu",
+    "scan_sequential",
+    "selective_scan",
+]
 
 ScanFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
@@ -104,11 +117,50 @@ def scan_chunked(
     return torch.cat(ys, dim=-1)
 
 
+class _KernelScan(torch.autograd.Function):
+    """The compiled loop forward; the backward recomputes the forward with
+    :func:`scan_fused` under autograd (the kernel has no backward of its own)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):  # type: ignore[override]
+        ctx.save_for_backward(u, delta, A, B, C)
+        y = scan_kernel.scan_tokens(
+            u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2)
+        )
+        return y.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            y = scan_fused(*inputs)
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+        got = iter(torch.autograd.grad(y, wanted, grad))
+        return tuple(next(got) if need else None for need in ctx.needs_input_grad)
+
+
+def scan_kernel_cpu(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """The compiled CPU loop (:mod:`attn_speech.enhance.scan_kernel`), differentiable."""
+    if not scan_kernel.supports(u, A.shape[1]):
+        raise RuntimeError(
+            "the 'kernel' scan needs CPU float32/float64 tensors, N <= 64 and a C++ compiler"
+            f" ({scan_kernel.build_error() or 'unsupported inputs'})"
+        )
+    return _KernelScan.apply(u, delta, A, B, C)
+
+
 BACKENDS: dict[str, ScanFn] = {
     "sequential": scan_sequential,
     "chunked": scan_chunked,
     "fused": scan_fused,
+    "kernel": scan_kernel_cpu,
 }
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def selective_scan(
@@ -125,7 +177,8 @@ def selective_scan(
 ) -> torch.Tensor:
     """Mamba's selective scan (the signature of ``mamba_ssm.selective_scan_fn``).
 
-    ``backend``: ``"auto"`` (the fused step loop), or any key of :data:`BACKENDS`.
+    ``backend``: ``"auto"`` (``"kernel"`` without gradients where it is built, else
+    ``"fused"``), or any key of :data:`BACKENDS`.
     """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(
@@ -138,14 +191,29 @@ def selective_scan(
     for name, t in (("B", B), ("C", C)):
         if t.shape != (bsz, n, length):
             raise ValueError(f"{name} must be [{bsz}, {n}, {length}], got {tuple(t.shape)}")
-    name = "fused" if backend == "auto" else backend
-    if name not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
+    if backend == "auto":
+        backend = "kernel" if not grad and scan_kernel.supports(u, n) else "fused"
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    y = BACKENDS[name](u, delta, A, B, C)
+    if backend == "kernel" and not grad and scan_kernel.supports(u, n):
+        # one pass for the scan, D u and the gate, on the token-major layout of Mamba's
+        # projections (the transposes below are views there)
+        y = scan_kernel.scan_tokens(
+            u.transpose(1, 2),
+            delta.transpose(1, 2),
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D,
+            None if z is None else z.transpose(1, 2),
+        )
+        return y.transpose(1, 2)
+    y = BACKENDS[backend](u, delta, A, B, C)
     if D is not None:
         y = y + D[:, None] * u
     if z is not None:

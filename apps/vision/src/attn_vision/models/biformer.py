@@ -46,6 +46,9 @@ __all__ = [
     "to_official_state_dict",
 ]
 
+# Elements of the MLP hidden activation per band in eager inference (4 MiB in fp32).
+_MLP_CHUNK_ELEMS = 1 << 20
+
 # BiFormer's full-attention block (topk -1 / -2) takes the official default of 8 heads, not
 # dim / head_dim: the released weights were trained that way.
 _FULL_ATTENTION_HEADS = 8
@@ -129,8 +132,19 @@ class BiFormerBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            return x.permute(0, 3, 1, 2)
+        # Eager inference: residuals are added in place and the MLP (whose hidden layer is
+        # mlp_ratio times wider than the stream) runs on bands of rows, so its hidden
+        # activation never exists for the whole map at once. Same arithmetic per token.
+        x.add_(self.drop_path(self.attn(self.norm1(x))))
+        b, h, w, _ = x.shape
+        rows = max(1, _MLP_CHUNK_ELEMS // max(1, b * w * self.mlp.fc1.out_features))
+        for i in range(0, h, rows):
+            band = x[:, i : i + rows]
+            band.add_(self.drop_path(self.mlp(self.norm2(band))))
         return x.permute(0, 3, 1, 2)
 
 

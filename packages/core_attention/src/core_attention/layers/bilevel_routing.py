@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from core_attention import backends
 from core_attention.functional import attention
+from core_attention.layers._region_attention import region_attention
 
 __all__ = ["BiLevelRoutingAttention", "QKVLinear", "TopkRouting", "routed_attention"]
 
@@ -515,8 +516,8 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"expected NHWC input [B, H, W, {self.dim}], got {tuple(x.shape)}")
         b, h_in, w_in, _ = x.shape
         n = self.n_win
-        q, k, v = self.qkv(x)
-        v_real = v
+        qkv = self.qkv.qkv(x)
+        v_real = qkv[..., 2 * self.qk_dim :]
         pad_b, pad_r = (-h_in) % n, (-w_in) % n
         valid = None
         if pad_b or pad_r:
@@ -526,15 +527,33 @@ class BiLevelRoutingAttention(nn.Module):
                 )
             # Tokens are projected one by one, so padding after the projection is the same as
             # padding the input; what the padded tokens hold never reaches the output.
-            q, k, v = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b)) for t in (q, k, v))
-            rows = torch.arange(q.shape[1], device=x.device) < h_in
-            cols = torch.arange(q.shape[2], device=x.device) < w_in
+            qkv = F.pad(qkv, (0, 0, 0, pad_r, 0, pad_b))
+            rows = torch.arange(qkv.shape[1], device=x.device) < h_in
+            cols = torch.arange(qkv.shape[2], device=x.device) < w_in
             valid = rows[:, None] & cols[None, :]
+        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
         hh, ww = q.shape[1] // n, q.shape[2] // n  # region size
 
         q_win, k_win = self._region_means(q, k, valid, hh, ww)
         region_valid = None if valid is None else valid.view(n, hh, n, ww).any(3).any(1).flatten()
         r_weight, r_idx = self.router(q_win, k_win, region_valid)
+
+        if self._region_chunked(x):
+            key_valid = None
+            if valid is not None:
+                key_valid = valid.view(n, hh, n, ww).permute(0, 2, 1, 3).reshape(n * n, -1)
+            out = region_attention(
+                qkv,
+                r_idx,
+                n_win=n,
+                num_heads=self.num_heads,
+                qk_dim=self.qk_dim,
+                scale=self.scale,
+                key_valid=key_valid,
+            )
+            out = out.narrow(1, 0, h_in).narrow(2, 0, w_in)
+            del qkv, q, k, v
+            return self._finish(out, v_real)
 
         k_pix, v_pix, key_valid = self._pooled_keys(k, v, valid, hh, ww)
         out = routed_attention(
@@ -549,7 +568,24 @@ class BiLevelRoutingAttention(nn.Module):
         )  # [B, P, M, hh * ww, dim / M]
         out = out.reshape(b, n, n, self.num_heads, hh, ww, -1).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(b, n * hh, n * ww, self.dim)[:, :h_in, :w_in]
+        return self._finish(out, v_real)
 
+    def _region_chunked(self, x: Tensor) -> bool:
+        """Whether the fine level runs :func:`region_attention` (BiFormer's own setting:
+        unpooled keys, hard routing) rather than :func:`routed_attention`, which keeps the
+        Triton kernel of ``topk == 1`` for CUDA inputs and ``backend="triton"``."""
+        if not isinstance(self.kv_down, nn.Identity) or self.soft_routing:
+            return False
+        if self.topk == 1 and (self.backend == "triton" or x.is_cuda):
+            return False
+        return self.backend != "triton"
+
+    def _finish(self, out: Tensor, v: Tensor) -> Tensor:
+        """LePE of the values ``v`` plus the attention output ``out`` (both ``[B, H, W,
+        dim]``), then ``wo``."""
         if self.lepe is not None:
-            out = out + self.lepe(v_real.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            # In eager inference the LePE buffer takes the sum (one output-sized tensor less).
+            eager_no_grad = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+            out = lepe.add_(out) if eager_no_grad else out + lepe
         return self.wo(out)

@@ -1,21 +1,26 @@
-"""Inference-only ECAPA-TDNN: BatchNorm folded away, convolution + ReLU fused.
+"""Inference-only ECAPA-TDNN: BatchNorm folded away, convolution + ReLU fused, time-major.
 
-:class:`FastEcapa` computes what :class:`~attn_speech.ecapa.model.EcapaTDNN` computes in
-eval mode (to float32 rounding) with fewer passes over the activations:
+:class:`FastEcapa` computes what :class:`~attn_speech.ecapa.model.EcapaTDNN` (Desplanques
+et al. 2020) computes in eval mode (to float32 rounding) with fewer passes over the
+activations:
 
-* every TDNN layer is ``BN(relu(conv(x)))``; the ReLU runs inside the convolution (a
-  oneDNN post-op on the CPU, with weights reordered once) and the BatchNorm affine
-  ``a * u + b`` is folded into the layers that read it: ``W (a u + b) + c = (W a) u +
-  (W b + c)`` for convolutions and the squeeze-excitation's mean, and ``a * u`` into the
-  additions that must stay explicit;
-* the Res2Net groups are written straight into the buffer the next TDNN reads, and the
-  SE-Res2Blocks' outputs straight into the buffer of the multi-layer aggregation, so no
-  concatenation copies;
-* the final BatchNorm is folded into the embedding layer.
+* activations are time-major, ``[B, T, C]``, the layout oneDNN's convolutions with
+  reordered weights read and write (:mod:`attn_speech.ecapa.time_conv`), so no layer
+  transposes its input;
+* every TDNN layer is ``BN(relu(conv(x)))``; the ReLU runs inside the convolution and the
+  BatchNorm affine ``a * u + b`` is folded into the layers that read it: ``W (a u + b) + c
+  = (W a) u + (W b + c)`` for convolutions and the squeeze-excitation's mean, and ``a * u``
+  into the additions that must stay explicit;
+* each Res2Net group is written straight into the padded buffer its dilated convolution
+  reads (only the reflected edge rows are copied), and the groups' outputs into the buffer
+  the next TDNN reads, so no concatenation or padding copies;
+* attentive statistics pooling reads the aggregation's output with its BatchNorm still
+  pending and runs the per-channel softmax directly
+  (:mod:`attn_speech.ecapa.fast_pooling`); the final BatchNorm is folded into the embedding
+  layer.
 
-Attentive statistics pooling is :class:`core_attention.layers.AttentiveStatisticsPooling`
-unchanged. Padded batches keep the per-item reflection of the reference model, so
-embeddings still do not depend on batch-mates.
+Padded batches keep the per-item reflection of the reference model, so embeddings still do
+not depend on batch-mates.
 """
 
 from __future__ import annotations
@@ -24,15 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_speech.ecapa.layers import BatchNorm1d, Conv1d, SERes2NetBlock, TDNNBlock, reflect_index
-from attn_speech.ecapa.lengths import frame_mask, frames_from_relative
+from attn_speech.ecapa.fast_pooling import FastAttentivePooling
+from attn_speech.ecapa.layers import BatchNorm1d, Conv1d, SERes2NetBlock, TDNNBlock
+from attn_speech.ecapa.lengths import frames_from_relative
 from attn_speech.ecapa.model import EcapaTDNN
-
-_MKLDNN = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
-)
+from attn_speech.ecapa.time_conv import TimeConv, pad_time, reflect_edges
 
 
 def _affine(norm: BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,57 +43,7 @@ def _affine(norm: BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
     return a.detach().clone(), (bn.bias - bn.running_mean * a).detach().clone()
 
 
-class _ConvReLU(nn.Module):
-    """``relu(conv1d(x))`` on an input that already holds its padding.
-
-    On the CPU it runs oneDNN's convolution with the ReLU as a post-op and the weights
-    reordered once into oneDNN's blocked layout (as a 1xk 2-D kernel: oneDNN reorders only
-    2-D/3-D weights). ``conv1d`` would reorder them on every call, which costs up to a third
-    of the time of the 3C x 3C aggregation layer.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dilation: int) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone().contiguous())
-        self.register_buffer("bias", bias.detach().clone().contiguous())
-        self.dilation = dilation
-        self.pad = dilation * (weight.shape[-1] - 1) // 2
-        self._packed: tuple[torch.dtype, torch.Tensor] | None = None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_packed"] = None  # an opaque oneDNN tensor; rebuilt on first use
-        return state
-
-    def _onednn_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._packed is None or self._packed[0] != dtype:
-            w = self.weight.to(dtype)[:, :, None, :]
-            shape = [1, w.shape[1], 1, 400]  # a typical input; any length works
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w, [0, 0], [1, 1], [1, self.dilation], 1, shape
-            )
-            self._packed = (dtype, packed)
-        return self._packed[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _MKLDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            y = torch.ops.mkldnn._convolution_pointwise(
-                x[:, :, None, :],
-                self._onednn_weight(x.dtype),
-                self.bias.to(x.dtype),
-                [0, 0],
-                [1, 1],
-                [1, self.dilation],
-                1,
-                "relu",
-                [],
-                "",
-            )
-            return y[:, :, 0, :]
-        return torch.relu_(F.conv1d(x, self.weight, self.bias, dilation=self.dilation))
-
-
-def _conv_relu(conv: Conv1d, scale=None, shift=None, columns=None) -> _ConvReLU:
+def _conv_relu(conv: Conv1d, scale=None, shift=None, columns=None) -> TimeConv:
     """Fold an input affine (``scale * x + shift`` on ``columns`` of the input channels,
     all of them by default) into ``conv`` and fuse its ReLU."""
     layer = conv.conv
@@ -103,17 +54,7 @@ def _conv_relu(conv: Conv1d, scale=None, shift=None, columns=None) -> _ConvReLU:
         cols = slice(None) if columns is None else columns
         b = b + (w[:, cols, :] * shift[None, :, None]).sum(dim=(1, 2))
         w[:, cols, :] = w[:, cols, :] * scale[None, :, None]
-    return _ConvReLU(w, b, layer.dilation[0])
-
-
-def _pad(x: torch.Tensor, pad: int, frames: torch.Tensor | None) -> torch.Tensor:
-    """ "Same" reflection padding, at each item's own last frame when ``frames`` is given."""
-    if pad == 0:
-        return x
-    if frames is None:
-        return F.pad(x, (pad, pad), mode="reflect")
-    index = reflect_index(frames.to(x.device), x.shape[-1], pad)
-    return torch.gather(x, 2, index[:, None, :].expand(-1, x.shape[1], -1))
+    return TimeConv(w, b, layer.dilation[0])
 
 
 class _FastBlock(nn.Module):
@@ -157,33 +98,42 @@ class _FastBlock(nn.Module):
         self.register_buffer("b2", b2)
 
     def forward(self, x, out, frames, mask):
-        """``x``: block input ``[B, C, T]`` (``u`` when the input is implicit); writes
-        the block output into ``out`` (a view of the aggregation buffer) and returns it."""
+        """``x``: block input ``[B, T, C]`` (``u`` when the input is implicit); writes the
+        block output into ``out`` ``[B, T, C]`` (may be a view) and returns it."""
         u1 = self.tdnn1(x)
+        b, t, _ = u1.shape
         w = self.width
         cat = torch.empty_like(u1)
-        cat[:, :w] = u1[:, :w]
+        cat[..., :w] = u1[..., :w]
         y = None
         for i, conv in enumerate(self.groups, start=1):
             cols = slice(i * w, (i + 1) * w)
-            z = u1[:, cols] if y is None else torch.addcmul(y, u1[:, cols], self.a1[cols, None])
-            a, b = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
-            y = torch.addcmul(
-                b[:, None], conv(_pad(z, conv.pad, frames)), a[:, None], out=cat[:, cols]
-            )
+            p = conv.pad
+            buf = u1.new_empty(b, t + 2 * p, w)
+            inner = buf[:, p : p + t] if frames is None else u1.new_empty(b, t, w)
+            if y is None:
+                inner.copy_(u1[..., cols])
+            else:
+                torch.addcmul(y, u1[..., cols], self.a1[cols], out=inner)
+            if frames is None:
+                reflect_edges(buf, p)
+            else:
+                pad_time(inner, p, frames, out=buf)
+            a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
+            y = torch.addcmul(c, conv(buf), a, out=cat[..., cols])
         u2 = self.tdnn2(cat)
         if mask is None:
-            m = u2.mean(dim=2)
+            m = u2.mean(dim=1)
         else:
-            m = (u2 * mask).sum(dim=2) / mask.sum(dim=2)
+            m = (u2 * mask).sum(dim=1) / mask.sum(dim=1)
         g = torch.sigmoid(
             F.linear(F.relu(F.linear(m, self.se_w1, self.se_b1)), self.se_w2, self.se_b2)
         )
-        shift = (self.b2 * g)[:, :, None]
-        gain = (self.a2 * g)[:, :, None]
+        shift = (self.b2 * g)[:, None, :]
+        gain = (self.a2 * g)[:, None, :]
         if self.implicit_input:
-            torch.addcmul(shift + self.b_in[:, None], u2, gain, out=out)
-            out.addcmul_(x, self.a_in[:, None])
+            torch.addcmul(shift + self.b_in, u2, gain, out=out)
+            out.addcmul_(x, self.a_in)
         else:
             torch.addcmul(shift, u2, gain, out=out)
             out.add_(x)
@@ -213,10 +163,7 @@ class FastEcapa(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.width = cfg.channels[1]
         self.mfa = _conv_relu(model.mfa.conv)
-        am, bm = _affine(model.mfa.norm)
-        self.register_buffer("am", am)
-        self.register_buffer("bm", bm)
-        self.asp = model.asp
+        self.asp = FastAttentivePooling(model.asp, *_affine(model.mfa.norm))
         a, b = _affine(model.asp_bn)
         w = model.fc.conv.weight[:, :, 0].detach()
         self.register_buffer("fc_w", (w * a[None, :]).clone())
@@ -228,23 +175,23 @@ class FastEcapa(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"expected features [B, T, {self.input_size}], got {tuple(x.shape)}")
-        x = x.transpose(1, 2)
-        b, _, t = x.shape
+        b, t, _ = x.shape
         frames, mask = None, None
         if lengths is not None:
             frames = frames_from_relative(lengths, b, t)
             if bool((frames == t).all()):
                 frames = None
             else:
-                mask = frame_mask(frames, t, device=x.device)[:, None, :].to(x.dtype)
-        u0 = self.first(_pad(x, self.first.pad, frames))
-        agg = u0.new_empty(b, self.width * len(self.blocks), t)
-        h = u0
+                valid = torch.arange(t, device=x.device) < frames.to(x.device)[:, None]
+                mask = valid[..., None].to(x.dtype)
+        h = self.first(pad_time(x, self.first.pad, frames))
+        n = len(self.blocks)
+        agg = h.new_empty(b, t, self.width * n)
         for i, block in enumerate(self.blocks):
-            out = agg[:, i * self.width : (i + 1) * self.width]
+            view = agg[..., i * self.width : (i + 1) * self.width]
+            out = view if i == n - 1 else torch.empty_like(h)
             h = block(h, out, frames, mask)
-        xm = torch.addcmul(
-            self.bm[:, None], self.mfa(_pad(agg, self.mfa.pad, frames)), self.am[:, None]
-        )
-        pooled = self.asp(xm, lengths)[:, :, 0]
-        return F.linear(pooled, self.fc_w, self.fc_b)[:, None, :]
+            if i < n - 1:
+                view.copy_(h)
+        pooled = self.asp(self.mfa(agg), frames)
+        return F.linear(pooled.to(self.fc_w.dtype), self.fc_w, self.fc_b)[:, None, :]

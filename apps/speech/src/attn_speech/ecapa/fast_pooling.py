@@ -1,0 +1,92 @@
+"""Attentive statistics pooling on time-major activations, for :mod:`attn_speech.ecapa.fast`.
+
+Computes what :class:`core_attention.layers.AttentiveStatisticsPooling` computes (Okabe et
+al. 2018, "Attentive Statistics Pooling for Deep Speaker Embedding"; the channel-dependent
+attention with global context of ECAPA-TDNN, Desplanques et al. 2020) in eval mode, with
+the input still ``x = a * u + b`` per channel (the multi-layer aggregation's BatchNorm, not
+applied):
+
+* the statistics of ``x`` come from those of ``u``: ``mean_x = a mean_u + b``,
+  ``var_x = a^2 var_u``, so ``x`` is never formed;
+* the scoring layer's 1x1 convolution of ``[x; mean; std]`` is ``(W_x a) u`` plus one
+  ``[B, A]`` vector (``W_x b + W_m mean + W_s std + bias``);
+* the per-channel softmax over time is :func:`torch.softmax` over the time axis of the
+  ``[B, T, C]`` scores, not an attention call with one head of size 1 per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attn_speech.ecapa.time_conv import TimeConv
+from core_attention.layers.attentive_pooling import AttentiveStatisticsPooling
+
+
+def _bn_affine(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return a.detach().clone(), (bn.bias - bn.running_mean * a).detach().clone()
+
+
+class FastAttentivePooling(nn.Module):
+    """Inference twin of an :class:`AttentiveStatisticsPooling` reading ``x = a u + b``.
+
+    Shapes: ``a``, ``b`` ``[C]``; ``forward(u, frames=None)``: ``u`` ``[B, T, C]``;
+    ``frames`` ``[B]`` valid frames (``None``: all) -> ``[B, 2C]`` (means, then standard
+    deviations, of ``x``).
+    """
+
+    def __init__(self, asp: AttentiveStatisticsPooling, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        c = a.numel()
+        conv = asp.tdnn.conv.conv
+        w = conv.weight[..., 0].detach()  # [A, C] or [A, 3C]
+        bias = conv.bias.detach() if conv.bias is not None else w.new_zeros(w.shape[0])
+        self.global_context = asp.global_context
+        self.eps = asp.eps
+        self.register_buffer("a", a.detach().clone())
+        self.register_buffer("b", b.detach().clone())
+        self.register_buffer("a2", (a * a).detach().clone())
+        self.register_buffer("w_ctx", w[:, c:].clone())  # [A, 2C] (empty without context)
+        self.hidden = TimeConv((w[:, :c] * a[None, :])[..., None], bias + w[:, :c] @ b)
+        hidden_a, hidden_b = _bn_affine(asp.tdnn.norm.norm)
+        self.register_buffer("hidden_a", hidden_a)
+        self.register_buffer("hidden_b", hidden_b)
+        score = asp.conv.conv
+        score_bias = score.bias if score.bias is not None else score.weight.new_zeros(c)
+        self.scores = TimeConv(score.weight.detach(), score_bias.detach(), relu=False)
+
+    def forward(self, u: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = u.shape
+        valid = None
+        if frames is not None:
+            valid = (torch.arange(t, device=u.device) < frames.to(u.device)[:, None])[..., None]
+        if self.global_context:
+            if valid is None:
+                var_u, mean_u = torch.var_mean(u, dim=1, correction=0)
+            else:
+                w = valid.to(u.dtype) / frames.clamp(min=1).to(u)[:, None, None]
+                mean_u = (u * w).sum(dim=1)
+                var_u = ((u - mean_u[:, None]).square_() * w).sum(dim=1)
+            mean = torch.addcmul(self.b, mean_u, self.a)
+            std = (var_u * self.a2).clamp_(min=self.eps).sqrt_()
+            context = torch.cat([mean, std], dim=1) @ self.w_ctx.T + self.hidden.bias
+        else:
+            context = self.hidden.bias.expand(b, -1)
+        if b == 1:
+            h = self.hidden(u, context[0])
+        else:
+            h = self.hidden(u, torch.zeros_like(context[0]), relu=False)
+            h = h.add_(context[:, None]).relu_()
+        h = torch.addcmul(self.hidden_b, h, self.hidden_a).tanh_()
+        scores = self.scores(h)
+        if u.dtype != torch.float32:  # bfloat16 networks pool in float32
+            scores, u = scores.float(), u.float()
+        if valid is not None:
+            scores = scores.masked_fill_(~valid, float("-inf"))
+        alpha = torch.softmax(scores, dim=1)  # per channel, over time
+        mean_u = (alpha * u).sum(dim=1)
+        var_u = (u - mean_u[:, None]).square_().mul_(alpha).sum(dim=1)
+        mean = torch.addcmul(self.b.float(), mean_u, self.a.float())
+        std = (var_u * self.a2.float()).clamp_(min=self.eps).sqrt_()
+        return torch.cat([mean, std], dim=1)

@@ -1,0 +1,148 @@
+"""FastEcapa's numerical pieces against float64 naive computations and the reference model:
+time-major convolutions (oneDNN and the GEMM fallback), reflection padding, attentive
+statistics pooling with the BatchNorm pending, whole networks on odd lengths and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attn_speech.ecapa import time_conv
+from attn_speech.ecapa.config import EcapaConfig
+from attn_speech.ecapa.fast import FastEcapa
+from attn_speech.ecapa.fast_pooling import FastAttentivePooling
+from attn_speech.ecapa.lengths import relative_from_frames
+from attn_speech.ecapa.model import EcapaTDNN
+from attn_speech.ecapa.time_conv import TimeConv, pad_time, reflect_edges
+from core_attention.layers.attentive_pooling import AttentiveStatisticsPooling
+
+
+@pytest.fixture(params=["onednn", "gemm"])
+def conv_path(request, monkeypatch):
+    if request.param == "gemm":
+        monkeypatch.setattr(time_conv, "ONEDNN", False)
+    elif not time_conv.ONEDNN:
+        pytest.skip("oneDNN not available")
+    return request.param
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "d", "t"), [(7, 5, 1, 1, 13), (9, 6, 3, 3, 17)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_time_conv_equals_float64_conv(conv_path, cin, cout, k, d, t, relu):
+    g = torch.Generator().manual_seed(11 * t + k)
+    w, b = torch.randn(cout, cin, k, generator=g), torch.randn(cout, generator=g)
+    p = d * (k - 1) // 2
+    x = torch.randn(3, t + 2 * p, cin, generator=g)
+    expected = F.conv1d(x.double().transpose(1, 2), w.double(), b.double(), dilation=d)
+    expected = expected.transpose(1, 2)
+    if relu:
+        expected = expected.relu()
+    conv = TimeConv(w, b, d, relu=relu)
+    with torch.inference_mode():
+        y = conv(x)
+        torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+        assert y.shape == (3, t, cout) and y.is_contiguous()
+        other = torch.randn(cout, generator=g)
+        flipped = conv(x, other, relu=not relu)
+    expected = F.conv1d(x.double().transpose(1, 2), w.double(), other.double(), dilation=d)
+    expected = expected.transpose(1, 2)
+    expected = expected if relu else expected.relu()
+    torch.testing.assert_close(flipped.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reflection_padding_matches_reference_padding():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 11, 4, generator=g)
+    for pad in (1, 2, 4):
+        expected = F.pad(x.transpose(1, 2), (pad, pad), mode="reflect").transpose(1, 2)
+        torch.testing.assert_close(pad_time(x, pad, None), expected, atol=0, rtol=0)
+        buf = torch.full((3, 11 + 2 * pad, 4), float("nan"))
+        buf[:, pad : pad + 11] = x
+        torch.testing.assert_close(reflect_edges(buf, pad), expected, atol=0, rtol=0)
+    frames = torch.tensor([11, 6, 9])
+    padded = pad_time(x, 3, frames)
+    for i, f in enumerate(frames.tolist()):
+        alone = F.pad(x[i : i + 1, :f].transpose(1, 2), (3, 3), mode="reflect").transpose(1, 2)
+        torch.testing.assert_close(padded[i : i + 1, : f + 6], alone, atol=0, rtol=0)
+
+
+def _naive_pooling(asp, x, frames):
+    """float64 attentive statistics pooling, written from the paper's equations."""
+    asp = asp.double()
+    out = []
+    for i, f in enumerate(frames.tolist()):
+        xi = x[i, :, :f].double()  # [C, f]
+        mean, std = xi.mean(1), xi.var(1, correction=0).clamp(min=asp.eps).sqrt()
+        inp = xi
+        if asp.global_context:
+            inp = torch.cat([xi, mean[:, None].expand_as(xi), std[:, None].expand_as(xi)])
+        h = asp.tdnn(inp[None])[0]
+        e = asp.conv(torch.tanh(h)[None])[0]
+        alpha = torch.softmax(e, dim=1)
+        mu = (alpha * xi).sum(1)
+        sigma = (alpha * (xi - mu[:, None]) ** 2).sum(1).clamp(min=asp.eps).sqrt()
+        out.append(torch.cat([mu, sigma]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("global_context", [True, False])
+def test_pooling_with_pending_batchnorm_equals_float64_naive(conv_path, global_context):
+    torch.manual_seed(5)
+    c, t = 12, 23
+    asp = AttentiveStatisticsPooling(c, attention_channels=6, global_context=global_context)
+    _randomise_batchnorm(asp)
+    asp.eval()
+    a, b = torch.randn(c), torch.randn(c)
+    u = torch.rand(3, t, c) * 2
+    frames = torch.tensor([23, 9, 17])
+    x = (a * u + b).transpose(1, 2)  # what the reference pooling reads, [B, C, T]
+    fast = FastAttentivePooling(asp, a, b)
+    with torch.inference_mode():
+        batched = fast(u, frames)
+        alone = torch.cat([fast(u[i : i + 1, :f]) for i, f in enumerate(frames.tolist())])
+    expected = _naive_pooling(asp, x, frames)
+    torch.testing.assert_close(batched.double(), expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(alone.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("frames", [[157, 101, 77], [93]])
+def test_fast_network_equals_reference_on_odd_lengths(conv_path, frames):
+    cfg = EcapaConfig(channels=(48, 48, 48, 48, 144), attention_channels=8, se_channels=8)
+    torch.manual_seed(len(frames))
+    model = EcapaTDNN(cfg).eval()
+    _randomise_batchnorm(model)
+    fast = FastEcapa(model)
+    t = max(frames)
+    feats = torch.randn(len(frames), t, 80)
+    lengths = relative_from_frames(torch.tensor(frames), t)
+    with torch.no_grad():
+        expected = model(feats, lengths)
+    got = fast(feats, lengths)
+    assert got.shape == expected.shape == (len(frames), 1, 192)
+    torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-5)
+    for i, f in enumerate(frames):
+        torch.testing.assert_close(fast(feats[i : i + 1, :f]), got[i : i + 1], atol=3e-5, rtol=1e-5)
+
+
+def test_bfloat16_fast_network_stays_close():
+    cfg = EcapaConfig(channels=(64, 64, 64, 64, 192), attention_channels=16, se_channels=16)
+    torch.manual_seed(2)
+    model = EcapaTDNN(cfg).eval()
+    fast = FastEcapa(model)
+    half = FastEcapa(model).to(torch.bfloat16)
+    feats = torch.randn(2, 131, 80)
+    lengths = relative_from_frames(torch.tensor([131, 88]), 131)
+    full = fast(feats, lengths)[:, 0]
+    low = half(feats.bfloat16(), lengths)[:, 0].float()
+    assert F.cosine_similarity(full, low).min() > 0.999

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from attn_speech.cli import main
+from attn_speech.ecapa.cli import builtin_model_path
 from attn_speech.ecapa.hparams import HParams, Tagged
 from attn_speech.ecapa.metrics import eer, threshold_at_far
 from attn_speech.ecapa.speaker import load_model
@@ -57,6 +58,7 @@ def test_eval_calibrate_verify(corpus, tiny_model, tmp_path, capsys):
     assert stored.method == "far" and stored.value == pytest.approx(
         threshold_at_far(neg, 0.05), abs=1e-5
     )
+    assert stored.trials == "trials.txt"  # no machine-specific directory travels with it
     assert main(["ecapa", "calibrate", *common]) == 2  # would replace the stored threshold
     assert main(["ecapa", "calibrate", *common, "--overwrite"]) == 0
     assert load_model(model).threshold.method == "eer"
@@ -95,3 +97,10 @@ def test_hparams_references():
     assert obj.value == {"size": 80, "chans": [161, 3]} and hp.get("nested") == 80
     with pytest.raises(ValueError, match="circular"):
         HParams("a: !ref <b>\nb: !ref <a>\n").get("a")
+
+
+def test_shipped_model_records_no_machine_paths():
+    folder = builtin_model_path()
+    text = (folder / "config.json").read_text()
+    assert "/tmp" not in text and "\\" not in text
+    assert load_model(folder).threshold.trials == "dev_trials.txt"

@@ -270,7 +270,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from attn_speech.ecapa.config import Threshold
+    from attn_speech.ecapa.config import Threshold, trials_label
     from attn_speech.ecapa.evaluate import score_trials
     from attn_speech.ecapa.metrics import eer, threshold_at_far
     from attn_speech.ecapa.speaker import save_model
@@ -303,7 +303,7 @@ def cmd_calibrate(args) -> int:
         value=value,
         method=args.method,
         target_far=args.target_far if args.method == "far" else None,
-        trials=str(Path(args.trials).resolve()),
+        trials=trials_label(args.trials),
         eer=e,
         extra={"far": far, "frr": frr, "targets": int(pos.size), "nontargets": int(neg.size)},
     )

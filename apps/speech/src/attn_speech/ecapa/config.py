@@ -8,6 +8,7 @@ Every field of :class:`EcapaConfig` is an argument of SpeechBrain's
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 ACTIVATIONS = ("relu", "leaky_relu")
 
@@ -130,6 +131,12 @@ def variant(name: str) -> EcapaConfig:
         raise ValueError(f"unknown ECAPA variant {name!r}; known: {sorted(VARIANTS)}") from None
 
 
+def trials_label(path: str | Path) -> str:
+    """What a stored threshold records of its trial list: the file name only. A directory
+    names one machine's layout (often a temporary folder) and would travel with the model."""
+    return Path(path).name
+
+
 @dataclass
 class Threshold:
     """A decision threshold on cosine scores and how it was chosen."""
@@ -137,7 +144,7 @@ class Threshold:
     value: float
     method: str  # "eer" or "far"
     target_far: float | None = None
-    trials: str | None = None
+    trials: str | None = None  # the trial list's file name (see trials_label)
     eer: float | None = None
     extra: dict = field(default_factory=dict)
 

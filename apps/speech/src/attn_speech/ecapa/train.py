@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from attn_speech.audio import load_audio
 from attn_speech.ecapa.augment import Augmenter
-from attn_speech.ecapa.config import ClassifierConfig, FbankConfig, Threshold, variant
+from attn_speech.ecapa.config import ClassifierConfig, FbankConfig, Threshold, trials_label, variant
 from attn_speech.ecapa.loss import AAMSoftmaxLoss
 from attn_speech.ecapa.metrics import eer, min_dcf
 from attn_speech.ecapa.speaker import EcapaSpeaker, save_model
@@ -223,7 +223,7 @@ def calibrate_folder(folder: Path, validator: TrialValidator, trials: str | Path
     s = validator.scores(model)
     pos, neg = s[validator.labels == 1], s[validator.labels == 0]
     e, thr = eer(pos, neg)
-    threshold = Threshold(value=thr, method="eer", trials=str(Path(trials).resolve()), eer=e)
+    threshold = Threshold(value=thr, method="eer", trials=trials_label(trials), eer=e)
     save_model(model.with_threshold(threshold), folder)
     print(f"{folder}: validation EER {100 * e:.2f}%, threshold {thr:.4f} stored")
     return 0

@@ -13,13 +13,16 @@ official one (one softmax over all ``T * Nk`` routed keys).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from core_attention.functional import attention
 
-__all__ = ["region_attention"]
+__all__ = ["QueryProjection", "region_attention"]
 
 # Elements of the per-chunk temporaries (gathered K and V, scores): bounds the extra memory
 # of one chunk at 4 * _CHUNK_ELEMS bytes (fp32) whatever the batch size.
@@ -32,40 +35,52 @@ _CHUNK_ELEMS = 1 << 19
 _DENSE_FACTOR = 4
 
 
-def _masked_dense(qkv, region_idx, n, m, qk_dim, scale, key_valid):
+def _masked_dense(q, k, v, region_idx, n, m, scale, key_valid):
     """All-pairs attention in image order with a ``[B, 1, L, L]`` routing mask; same result
     as the routed computation (the masked keys have probability 0)."""
-    b, hp, wp, c3 = qkv.shape
+    b, hp, wp, _ = q.shape
     h, w, length = hp // n, wp // n, hp * wp
-    routed = torch.zeros(b, n * n, n * n, dtype=torch.bool, device=qkv.device)
+    routed = torch.zeros(b, n * n, n * n, dtype=torch.bool, device=q.device)
     routed.scatter_(2, region_idx, True)  # [B, P query regions, P key regions]
-    rows = torch.arange(hp, device=qkv.device) // h
-    cols = torch.arange(wp, device=qkv.device) // w
+    rows = torch.arange(hp, device=q.device) // h
+    cols = torch.arange(wp, device=q.device) // w
     region_of = (rows[:, None] * n + cols[None, :]).reshape(-1)  # [L] token -> region
     mask = routed[:, region_of][:, :, region_of]  # [B, L, L]
     if key_valid is not None:
         token_valid = key_valid.view(n, n, h, w).permute(0, 2, 1, 3).reshape(length)
         mask = mask & token_valid
-    q, k, v = qkv.view(b, length, c3).split([qk_dim, qk_dim, c3 - 2 * qk_dim], dim=-1)
 
     def heads(t: Tensor) -> Tensor:
-        return t.view(b, length, m, -1).transpose(1, 2)
+        return t.reshape(b, length, m, -1).transpose(1, 2)
 
-    out = attention(heads(q), heads(k), heads(v), attn_mask=mask[:, None], scale=scale)
-    return out.transpose(1, 2).reshape(b, hp, wp, -1)
+    res = attention(heads(q), heads(k), heads(v), attn_mask=mask[:, None], scale=scale)
+    return res.transpose(1, 2).reshape(b, hp, wp, -1)
+
+
+class QueryProjection(NamedTuple):
+    """Queries given as ``F.linear(x, weight, bias)`` of ``x`` ``[B, Hp, Wp, C]``: inference
+    then projects only one chunk's queries at a time instead of holding all of them."""
+
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+    def full(self) -> Tensor:
+        return F.linear(self.x, self.weight, self.bias)
 
 
 class _Layout:
     """Sizes of one call: ``n`` regions per side of ``h x w`` tokens, ``m`` heads."""
 
-    def __init__(self, qkv: Tensor, n: int, m: int, qk_dim: int, topk: int):
-        self.b, hp, wp, c3 = qkv.shape
-        self.n, self.m, self.qk, self.topk = n, m, qk_dim, topk
+    def __init__(self, q: Tensor | QueryProjection, v: Tensor, n: int, m: int, topk: int):
+        self.b, hp, wp = v.shape[:3]
+        self.qk = q.weight.shape[0] if isinstance(q, QueryProjection) else q.shape[-1]
+        self.dim = v.shape[-1]
+        self.n, self.m, self.topk = n, m, topk
         self.h, self.w = hp // n, wp // n
         self.tokens = self.h * self.w
-        self.dim = c3 - 2 * qk_dim
         self.rows = self.b * n * n  # query regions
-        per_row = m * self.tokens * (topk * self.tokens) + topk * self.tokens * (c3 - qk_dim)
+        per_row = m * self.tokens * (topk * self.tokens) + topk * self.tokens * (self.qk + self.dim)
         # Traced (torch.compile / torch.export): one chunk, so the graph has no loop over a
         # size that may be symbolic.
         compiling = torch.compiler.is_compiling()
@@ -90,17 +105,21 @@ def _index(lay: _Layout, region_idx: Tensor, r0: int, r1: int):
     return (b, p // lay.n, p % lay.n), (b[:, None], routed // lay.n, routed % lay.n), routed
 
 
-def _gather(lay: _Layout, q6: Tensor, kv6: Tensor, key_valid, region_idx, r0, r1, scale):
+def _gather(lay: _Layout, q6, k6, v6, key_valid, region_idx, r0, r1, scale):
     """Scaled queries ``[c, M, N, dq]``, routed keys ``[c, M, dq, T*N]``, values
-    ``[c, M, T*N, dv]`` and the key mask ``[c, 1, 1, T*N]`` (or ``None``) of one chunk."""
+    ``[c, M, T*N, dv]`` and the key mask ``[c, 1, 1, T*N]`` (or ``None``) of one chunk, from
+    the ``[B, n, h, n, w, C]`` region views of q, k and v."""
     qi, ki, routed = _index(lay, region_idx, r0, r1)
     c, tn, m = r1 - r0, lay.topk * lay.tokens, lay.m
-    q = q6[qi[0], qi[1], :, qi[2]].view(c, lay.tokens, m, -1).transpose(1, 2).mul_(scale)
-    kv = kv6[ki[0], ki[1], :, ki[2]].view(c, tn, -1)
-    k = kv[..., : lay.qk].view(c, tn, m, -1).permute(0, 2, 3, 1)
-    v = kv[..., lay.qk :].view(c, tn, m, -1).transpose(1, 2)
+    if isinstance(q6, QueryProjection):
+        q = F.linear(q6.x[qi[0], qi[1], :, qi[2]], q6.weight, q6.bias)
+    else:
+        q = q6[qi[0], qi[1], :, qi[2]]
+    q = q.view(c, lay.tokens, m, -1).transpose(1, 2).mul_(scale)
+    k = k6[ki[0], ki[1], :, ki[2]].view(c, tn, m, -1).permute(0, 2, 3, 1)
+    v = v6[ki[0], ki[1], :, ki[2]].view(c, tn, m, -1).transpose(1, 2)
     mask = None if key_valid is None else key_valid[routed].view(c, 1, 1, tn)
-    return q, k, v, mask, qi, ki
+    return q, k, v, mask, qi
 
 
 def _scores(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
@@ -110,114 +129,149 @@ def _scores(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     return s
 
 
-def _forward(lay: _Layout, qkv: Tensor, region_idx, key_valid, scale, with_lse: bool):
-    qkv6 = lay.regions(qkv)
-    q6, kv6 = qkv6[..., : lay.qk], qkv6[..., lay.qk :]
-    out = qkv.new_empty(*qkv.shape[:3], lay.dim)
+def _forward(lay: _Layout, q, k, v, region_idx, key_valid, scale, with_lse: bool, out=None):
+    """Forward over all chunks. ``out`` (``[B, Hp, Wp, dim]``, optional) receives the result
+    added to what it holds; otherwise a new tensor is returned."""
+    if isinstance(q, QueryProjection):
+        q6 = q._replace(x=lay.regions(q.x))
+    else:
+        q6 = lay.regions(q)
+    k6, v6 = lay.regions(k), lay.regions(v)
+    accumulate = out is not None
+    if out is None:
+        out = v.new_empty(*v.shape[:3], lay.dim)
     out6 = lay.regions(out)
-    lse = qkv.new_empty(lay.rows, lay.m, lay.tokens, 1) if with_lse else None
+    lse = v.new_empty(lay.rows, lay.m, lay.tokens, 1) if with_lse else None
     for r0, r1 in lay.spans():
-        q, k, v, mask, qi, _ = _gather(lay, q6, kv6, key_valid, region_idx, r0, r1, scale)
-        s = _scores(q, k, mask)
+        qc, kc, vc, mask, qi = _gather(lay, q6, k6, v6, key_valid, region_idx, r0, r1, scale)
+        s = _scores(qc, kc, mask)
         row_max = s.amax(-1, keepdim=True)
         if mask is not None:
             # A row without a valid key (max -inf) gets probabilities 0 and output 0.
             row_max = row_max.nan_to_num_(neginf=0.0)
         probs = s.sub_(row_max).exp_()
         denom = probs.sum(-1, keepdim=True)
-        o = torch.matmul(probs, v).div_(denom.clamp_min(torch.finfo(denom.dtype).tiny))
-        out6[qi[0], qi[1], :, qi[2]] = o.transpose(1, 2).reshape(r1 - r0, lay.h, lay.w, -1)
+        o = torch.matmul(probs, vc).div_(denom.clamp_min(torch.finfo(denom.dtype).tiny))
+        o = o.transpose(1, 2).reshape(r1 - r0, lay.h, lay.w, -1)
+        if accumulate:
+            o += out6[qi[0], qi[1], :, qi[2]]
+        out6[qi[0], qi[1], :, qi[2]] = o
         if lse is not None:
             lse[r0:r1] = (row_max + denom.log()).masked_fill_(denom == 0, float("inf"))
     return out, lse
 
 
+def _split(qkv: Tensor, qk_dim: int):
+    return qkv.split([qk_dim, qk_dim, qkv.shape[-1] - 2 * qk_dim], dim=-1)
+
+
 class _RegionAttention(torch.autograd.Function):
+    """Saves q, k, v (views of the projection, no copies), the output and the row
+    log-sum-exp; the backward pass recomputes each chunk's scores."""
+
     @staticmethod
-    def forward(ctx, qkv, region_idx, key_valid, n, m, qk_dim, scale):
-        lay = _Layout(qkv, n, m, qk_dim, region_idx.shape[-1])
-        out, lse = _forward(lay, qkv, region_idx, key_valid, scale, with_lse=True)
-        ctx.save_for_backward(qkv, region_idx, key_valid, out, lse)
-        ctx.args = (n, m, qk_dim, scale, key_valid is not None)
+    def forward(ctx, q, k, v, region_idx, key_valid, n, m, scale):
+        lay = _Layout(q, v, n, m, region_idx.shape[-1])
+        out, lse = _forward(lay, q, k, v, region_idx, key_valid, scale, with_lse=True)
+        ctx.save_for_backward(q, k, v, region_idx, key_valid, out, lse)
+        ctx.args = (n, m, scale, key_valid is not None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        qkv, region_idx, key_valid, out, lse = ctx.saved_tensors
-        n, m, qk_dim, scale, has_valid = ctx.args
+        q_all, k_all, v_all, region_idx, key_valid, out, lse = ctx.saved_tensors
+        n, m, scale, has_valid = ctx.args
         key_valid = key_valid if has_valid else None
-        lay = _Layout(qkv, n, m, qk_dim, region_idx.shape[-1])
-        qkv6 = lay.regions(qkv)
-        q6, kv6 = qkv6[..., : lay.qk], qkv6[..., lay.qk :]
+        lay = _Layout(q_all, v_all, n, m, region_idx.shape[-1])
+        q6, k6, v6 = lay.regions(q_all), lay.regions(k_all), lay.regions(v_all)
         go6, out6 = lay.regions(grad_out.contiguous()), lay.regions(out)
-        grad = torch.zeros_like(qkv)
-        grad6 = lay.regions(grad)
-        grad_q6 = grad6[..., : lay.qk]
+        grad_q = q_all.new_empty(q_all.shape)
+        grad_q6 = lay.regions(grad_q)
         # Routed key/value gradients add up over query regions: accumulate them in region
         # order with index_add_ and move them to image order once at the end.
-        grad_kv = qkv.new_zeros(lay.rows, lay.tokens, qkv.shape[-1] - lay.qk)
-        p2 = n * n
-        base = torch.arange(lay.b, device=qkv.device).view(-1, 1, 1) * p2
+        grad_k = k_all.new_zeros(lay.rows, lay.tokens, lay.qk)
+        grad_v = v_all.new_zeros(lay.rows, lay.tokens, lay.dim)
+        base = torch.arange(lay.b, device=q_all.device).view(-1, 1, 1) * (n * n)
         flat_idx = (region_idx + base).view(-1, lay.topk)
         for r0, r1 in lay.spans():
             c = r1 - r0
-            q, k, v, mask, qi, _ = _gather(lay, q6, kv6, key_valid, region_idx, r0, r1, scale)
+            q, k, v, mask, qi = _gather(lay, q6, k6, v6, key_valid, region_idx, r0, r1, scale)
             probs = _scores(q, k, mask).sub_(lse[r0:r1]).exp_()
             go = go6[qi[0], qi[1], :, qi[2]].view(c, lay.tokens, m, -1).transpose(1, 2)
             o = out6[qi[0], qi[1], :, qi[2]].view(c, lay.tokens, m, -1).transpose(1, 2)
             delta = (go * o).sum(-1, keepdim=True)
-            grad_v = torch.matmul(probs.transpose(-1, -2), go)  # [c, M, T*N, dv]
-            grad_s = torch.matmul(go, v.transpose(-1, -2)).sub_(delta).mul_(probs)
-            grad_q = torch.matmul(grad_s, k.transpose(-1, -2)).mul_(scale)
-            grad_k = torch.matmul(grad_s.transpose(-1, -2), q)  # q is already scaled
-            grad_q6[qi[0], qi[1], :, qi[2]] = grad_q.transpose(1, 2).reshape(c, lay.h, lay.w, -1)
-            tn = lay.topk * lay.tokens
-            grad_kv_c = torch.cat(
-                [
-                    grad_k.transpose(1, 2).reshape(c, tn, -1),
-                    grad_v.transpose(1, 2).reshape(c, tn, -1),
-                ],
-                dim=-1,
-            )
-            grad_kv.index_add_(
-                0, flat_idx[r0:r1].reshape(-1), grad_kv_c.view(c * lay.topk, lay.tokens, -1)
-            )
-        grad6[..., lay.qk :] = grad_kv.view(lay.b, n, n, lay.h, lay.w, -1).permute(0, 1, 3, 2, 4, 5)
-        return grad, None, None, None, None, None, None
+            dv = torch.matmul(probs.transpose(-1, -2), go)  # [c, M, T*N, dv]
+            ds = torch.matmul(go, v.transpose(-1, -2)).sub_(delta).mul_(probs)
+            dq = torch.matmul(ds, k.transpose(-1, -2)).mul_(scale)
+            dk = torch.matmul(ds.transpose(-1, -2), q)  # q is already scaled
+            grad_q6[qi[0], qi[1], :, qi[2]] = dq.transpose(1, 2).reshape(c, lay.h, lay.w, -1)
+            ids = flat_idx[r0:r1].reshape(-1)
+            grad_k.index_add_(0, ids, dk.transpose(1, 2).reshape(c * lay.topk, lay.tokens, -1))
+            grad_v.index_add_(0, ids, dv.transpose(1, 2).reshape(c * lay.topk, lay.tokens, -1))
+        return (
+            grad_q,
+            _to_image(lay, grad_k),
+            _to_image(lay, grad_v),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _to_image(lay: _Layout, t: Tensor) -> Tensor:
+    """Region order ``[B * P, h * w, C]`` -> image order ``[B, Hp, Wp, C]`` (one copy)."""
+    t = t.view(lay.b, lay.n, lay.n, lay.h, lay.w, -1).permute(0, 1, 3, 2, 4, 5)
+    return t.reshape(lay.b, lay.n * lay.h, lay.n * lay.w, -1)
 
 
 def region_attention(
-    qkv: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     region_idx: Tensor,
     *,
     n_win: int,
     num_heads: int,
-    qk_dim: int,
     scale: float,
     key_valid: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """BiFormer's fine-level token attention, computed from the joint projection.
+    """BiFormer's fine-level token attention on image-order queries, keys and values.
 
     Args:
-        qkv: ``[B, Hp, Wp, 2 * qk_dim + dim]`` queries, keys and values in image order, with
-            ``Hp`` and ``Wp`` divisible by ``n_win``.
+        q: queries ``[B, Hp, Wp, qk_dim]``, ``Hp`` and ``Wp`` divisible by ``n_win`` (any
+            strides: views of the joint projection are read in place), or a
+            :class:`QueryProjection` (inference without autograd only).
+        k: keys ``[B, Hp, Wp, qk_dim]``.
+        v: values ``[B, Hp, Wp, dim]``.
         region_idx: ``[B, P, T]`` routed key regions of each of the ``P = n_win ** 2`` query
             regions (row-major region order).
         n_win: regions per side.
         num_heads: heads ``M``; divides ``qk_dim`` and ``dim``.
-        qk_dim: width of queries and keys.
         scale: multiplies ``q . k``.
         key_valid: ``[P, Nk]`` bool over the ``Nk = (Hp / n_win) * (Wp / n_win)`` tokens of
             each region in row-major order; ``False`` keys are never attended (padding).
+        out: optional ``[B, Hp, Wp, dim]`` tensor the result is added to in place (inference
+            without autograd only); it is returned.
 
     Returns:
         ``[B, Hp, Wp, dim]``: for every token, the softmax-weighted values over the tokens of
         its region's routed regions (zeros for a token without a valid key).
     """
+    projected = isinstance(q, QueryProjection)
+    tensors = (*q, k, v) if projected else (q, k, v)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if (out is not None or projected) and needs_grad:
+        raise ValueError("out= and QueryProjection are for inference without autograd")
     if region_idx.shape[-1] * _DENSE_FACTOR >= n_win * n_win:
-        return _masked_dense(qkv, region_idx, n_win, num_heads, qk_dim, scale, key_valid)
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return _RegionAttention.apply(qkv, region_idx, key_valid, n_win, num_heads, qk_dim, scale)
-    lay = _Layout(qkv, n_win, num_heads, qk_dim, region_idx.shape[-1])
-    return _forward(lay, qkv, region_idx, key_valid, scale, with_lse=False)[0]
+        if projected:
+            q = q.full()
+        res = _masked_dense(q, k, v, region_idx, n_win, num_heads, scale, key_valid)
+        return res if out is None else out.add_(res)
+    if needs_grad:
+        return _RegionAttention.apply(q, k, v, region_idx, key_valid, n_win, num_heads, scale)
+    lay = _Layout(q, v, n_win, num_heads, region_idx.shape[-1])
+    return _forward(lay, q, k, v, region_idx, key_valid, scale, with_lse=False, out=out)[0]

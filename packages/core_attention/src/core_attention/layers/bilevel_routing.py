@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from core_attention import backends
 from core_attention.functional import attention
-from core_attention.layers._region_attention import region_attention
+from core_attention.layers._region_attention import QueryProjection, region_attention
 
 __all__ = ["BiLevelRoutingAttention", "QKVLinear", "TopkRouting", "routed_attention"]
 
@@ -516,9 +516,13 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"expected NHWC input [B, H, W, {self.dim}], got {tuple(x.shape)}")
         b, h_in, w_in, _ = x.shape
         n = self.n_win
-        qkv = self.qkv.qkv(x)
-        v_real = qkv[..., 2 * self.qk_dim :]
+        chunked = self._region_chunked(x)
+        eager_no_grad = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
         pad_b, pad_r = (-h_in) % n, (-w_in) % n
+        if chunked and eager_no_grad and not (pad_b or pad_r):
+            return self._lean_forward(x)
+        q, k, v = self.qkv(x)
+        v_real = v
         valid = None
         if pad_b or pad_r:
             if not self.auto_pad:
@@ -527,32 +531,32 @@ class BiLevelRoutingAttention(nn.Module):
                 )
             # Tokens are projected one by one, so padding after the projection is the same as
             # padding the input; what the padded tokens hold never reaches the output.
-            qkv = F.pad(qkv, (0, 0, 0, pad_r, 0, pad_b))
-            rows = torch.arange(qkv.shape[1], device=x.device) < h_in
-            cols = torch.arange(qkv.shape[2], device=x.device) < w_in
+            q, k, v = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b)) for t in (q, k, v))
+            rows = torch.arange(q.shape[1], device=x.device) < h_in
+            cols = torch.arange(q.shape[2], device=x.device) < w_in
             valid = rows[:, None] & cols[None, :]
-        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
         hh, ww = q.shape[1] // n, q.shape[2] // n  # region size
 
         q_win, k_win = self._region_means(q, k, valid, hh, ww)
         region_valid = None if valid is None else valid.view(n, hh, n, ww).any(3).any(1).flatten()
         r_weight, r_idx = self.router(q_win, k_win, region_valid)
 
-        if self._region_chunked(x):
+        if chunked:
             key_valid = None
             if valid is not None:
                 key_valid = valid.view(n, hh, n, ww).permute(0, 2, 1, 3).reshape(n * n, -1)
             out = region_attention(
-                qkv,
+                q,
+                k,
+                v,
                 r_idx,
                 n_win=n,
                 num_heads=self.num_heads,
-                qk_dim=self.qk_dim,
                 scale=self.scale,
                 key_valid=key_valid,
             )
             out = out.narrow(1, 0, h_in).narrow(2, 0, w_in)
-            del qkv, q, k, v
+            del q, k, v
             return self._finish(out, v_real)
 
         k_pix, v_pix, key_valid = self._pooled_keys(k, v, valid, hh, ww)
@@ -580,12 +584,51 @@ class BiLevelRoutingAttention(nn.Module):
             return False
         return self.backend != "triton"
 
+    def _lean_forward(self, x: Tensor) -> Tensor:
+        """Eager inference on sizes divisible by ``n_win`` (BiFormer's fine level): the same
+        arithmetic as :meth:`forward` in less memory. Queries are projected per band of
+        regions for the routing means and again per chunk in :func:`region_attention`, so
+        they never exist for the whole map; values are projected on their own (contiguous,
+        LePE reads them without a copy) and the attention output is added into the LePE
+        buffer."""
+        b, h_in, w_in, _ = x.shape
+        n, qk, lin = self.n_win, self.qk_dim, self.qkv.qkv
+        hh, ww = h_in // n, w_in // n
+        weight = lin.weight.split([qk, qk, self.dim])
+        bias = (None,) * 3 if lin.bias is None else lin.bias.split([qk, qk, self.dim])
+        k = F.linear(x, weight[1], bias[1])
+        v = F.linear(x, weight[2], bias[2])
+        q_win = torch.cat(
+            [
+                F.linear(band, weight[0], bias[0]).view(b, hh, n, ww, qk).mean((1, 3))
+                for band in x.split(hh, dim=1)
+            ],
+            dim=1,
+        )  # [B, P, qk_dim], region by region as _region_means
+        k_win = k.reshape(b, n, hh, n, ww, qk).mean((2, 4)).reshape(b, n * n, qk)
+        _, r_idx = self.router(q_win, k_win)
+        out = self._lepe(v)
+        out = region_attention(
+            QueryProjection(x, weight[0], bias[0]),
+            k,
+            v,
+            r_idx,
+            n_win=n,
+            num_heads=self.num_heads,
+            scale=self.scale,
+            out=out,
+        )
+        del k, v
+        return self.wo(out)
+
+    def _lepe(self, v: Tensor) -> Tensor | None:
+        """LePE of the values ``[B, H, W, dim]`` -> ``[B, H, W, dim]``, or ``None``."""
+        if self.lepe is None:
+            return None
+        return self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
     def _finish(self, out: Tensor, v: Tensor) -> Tensor:
         """LePE of the values ``v`` plus the attention output ``out`` (both ``[B, H, W,
         dim]``), then ``wo``."""
-        if self.lepe is not None:
-            lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            # In eager inference the LePE buffer takes the sum (one output-sized tensor less).
-            eager_no_grad = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
-            out = lepe.add_(out) if eager_no_grad else out + lepe
-        return self.wo(out)
+        lepe = self._lepe(v)
+        return self.wo(out if lepe is None else out + lepe)

@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from core_attention.functional import attention
-
 __all__ = ["QueryProjection", "region_attention"]
 
 # Elements of the per-chunk temporaries (gathered K and V, scores): bounds the extra memory
@@ -36,8 +34,8 @@ _DENSE_FACTOR = 4
 
 
 def _masked_dense(q, k, v, region_idx, n, m, scale, key_valid):
-    """All-pairs attention in image order with a ``[B, 1, L, L]`` routing mask; same result
-    as the routed computation (the masked keys have probability 0)."""
+    """All-pairs attention in image order under an additive ``[B, 1, L, L]`` routing mask;
+    same result as the routed computation (masked keys get probability 0)."""
     b, hp, wp, _ = q.shape
     h, w, length = hp // n, wp // n, hp * wp
     routed = torch.zeros(b, n * n, n * n, dtype=torch.bool, device=q.device)
@@ -45,16 +43,35 @@ def _masked_dense(q, k, v, region_idx, n, m, scale, key_valid):
     rows = torch.arange(hp, device=q.device) // h
     cols = torch.arange(wp, device=q.device) // w
     region_of = (rows[:, None] * n + cols[None, :]).reshape(-1)  # [L] token -> region
-    mask = routed[:, region_of][:, :, region_of]  # [B, L, L]
+    allowed = routed[:, region_of][:, :, region_of]  # [B, L, L]
+    empty = None
     if key_valid is not None:
         token_valid = key_valid.view(n, n, h, w).permute(0, 2, 1, 3).reshape(length)
-        mask = mask & token_valid
+        allowed &= token_valid
+        # Query regions whose routed regions hold no valid key: output 0, as routed_attention.
+        empty = ~key_valid.any(-1)[region_idx].any(-1)  # [B, P]
+        allowed[:, :, 0] |= empty[:, region_of]  # keep SDPA finite; zeroed below
+    # An additive float mask: SDPA would otherwise convert the bool one on every call.
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~allowed, float("-inf"))
 
     def heads(t: Tensor) -> Tensor:
         return t.reshape(b, length, m, -1).transpose(1, 2)
 
-    res = attention(heads(q), heads(k), heads(v), attn_mask=mask[:, None], scale=scale)
-    return res.transpose(1, 2).reshape(b, hp, wp, -1)
+    res = F.scaled_dot_product_attention(
+        heads(q), heads(k), heads(v), attn_mask=bias[:, None], scale=scale
+    )
+    res = res.transpose(1, 2).reshape(b, hp, wp, -1)
+    if empty is not None:
+        res = res.masked_fill(lay_rows(empty, n, h, w)[..., None], 0.0)
+    return res
+
+
+def lay_rows(region_flag: Tensor, n: int, h: int, w: int) -> Tensor:
+    """``[B, P]`` per-region flags -> ``[B, n * h, n * w]`` per-token flags."""
+    b = region_flag.shape[0]
+    flag = region_flag.view(b, n, 1, n, 1).expand(b, n, h, n, w)
+    return flag.reshape(b, n * h, n * w)
 
 
 class QueryProjection(NamedTuple):

@@ -1,5 +1,6 @@
-"""``ecapa train`` on the harness: a short run separates held-out espeak-ng voices, and
-fine-tuning from a SpeechBrain folder gets a new head over the new speakers."""
+"""``ecapa train`` on the harness: a short run separates held-out espeak-ng voices clearly
+better than the same network at initialisation, and fine-tuning from a SpeechBrain folder
+gets a new head over the new speakers."""
 
 from __future__ import annotations
 
@@ -21,22 +22,26 @@ from attn_training import seed_everything
 
 TRAIN = [
     "--variant", "ecapa_c128", "--channels", "32", "--batch-size", "16",
-    "--crop-seconds", "1.2", "--lr", "3e-3", "--warmup-steps", "5", "--num-workers", "0",
+    "--crop-seconds", "1.2", "--lr", "1e-2", "--warmup-steps", "5", "--num-workers", "0",
     "--no-progress", "--seed", "0",
 ]  # fmt: skip
 
 
-def held_out_eer(model: EcapaSpeaker, corpus) -> float:
+def held_out_separation(model: EcapaSpeaker, corpus) -> tuple[float, float]:
+    """EER and d' (target minus non-target mean score over their pooled standard deviation)
+    of the held-out test voices' trials; d' is continuous where 4 voices make the EER
+    coarse (one target trial is 1/60)."""
     trials = read_trials(corpus / "trials.txt", corpus)
-    res = score_trials(Embedder(model), trials, progress=False)
-    return eer(*res.split())[0]
+    pos, neg = score_trials(Embedder(model), trials, progress=False).split()
+    d_prime = (pos.mean() - neg.mean()) / np.sqrt(0.5 * (pos.var() + neg.var()))
+    return eer(pos, neg)[0], float(d_prime)
 
 
 @pytest.mark.slow
 def test_short_training_separates_held_out_speakers(corpus, tmp_path):
     out = tmp_path / "run"
     args = ["ecapa", "train", str(corpus / "train.csv"), "--output-dir", str(out)]
-    args += [*TRAIN, "--max-steps", "30", "--save-every", "15", "--log-every", "5"]
+    args += [*TRAIN, "--max-steps", "40", "--save-every", "20", "--log-every", "5"]
     assert main(args) == 0
     trained = load_model(out / "final")
     assert trained.labels == sorted(
@@ -49,11 +54,15 @@ def test_short_training_separates_held_out_speakers(corpus, tmp_path):
     initial = EcapaSpeaker(
         model=cfg, features=FbankConfig(), classifier=ClassifierConfig(out_neurons=8)
     ).eval()
-    before, after = held_out_eer(initial, corpus), held_out_eer(trained, corpus)
-    assert after < 0.2, after  # chance is 0.5
-    # A random ECAPA already tells espeak voices apart by pitch and spectrum; training on
-    # 8 voices must not lose that while it learns them.
-    assert after <= before + 0.05, (before, after)
+    (eer_before, d_before), (eer_after, d_after) = (
+        held_out_separation(initial, corpus),
+        held_out_separation(trained, corpus),
+    )
+    # A random ECAPA already tells espeak voices apart by pitch and spectrum (EER about 6%,
+    # d' about 2.6 at these weights); 40 steps on 8 other voices must improve on it
+    # clearly (measured: EER 0.4%, d' 4.3), not just keep it.
+    assert eer_after < 0.5 * eer_before, (eer_before, eer_after)
+    assert d_after > d_before + 1.0, (d_before, d_after)
 
     rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r.get("train/loss")]
     assert float(rows[-1]["train/loss"]) < 0.5 * float(rows[0]["train/loss"])

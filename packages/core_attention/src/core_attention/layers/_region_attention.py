@@ -13,18 +13,16 @@ official one (one softmax over all ``T * Nk`` routed keys).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["QueryProjection", "region_attention"]
+__all__ = ["region_attention", "region_rows_attention", "use_dense"]
 
 # Elements of the per-chunk temporaries (gathered K and V, scores): bounds the extra memory
 # of one chunk at 4 * _CHUNK_ELEMS bytes (fp32) whatever the batch size.
-_CHUNK_ELEMS = 1 << 19
+_CHUNK_ELEMS = 1 << 18
 
 
 # Routing to at least 1 / _DENSE_FACTOR of all regions: attend every key under a mask. It
@@ -74,24 +72,11 @@ def lay_rows(region_flag: Tensor, n: int, h: int, w: int) -> Tensor:
     return flag.reshape(b, n * h, n * w)
 
 
-class QueryProjection(NamedTuple):
-    """Queries given as ``F.linear(x, weight, bias)`` of ``x`` ``[B, Hp, Wp, C]``: inference
-    then projects only one chunk's queries at a time instead of holding all of them."""
-
-    x: Tensor
-    weight: Tensor
-    bias: Tensor | None
-
-    def full(self) -> Tensor:
-        return F.linear(self.x, self.weight, self.bias)
-
-
 class _Layout:
     """Sizes of one call: ``n`` regions per side of ``h x w`` tokens, ``m`` heads."""
 
-    def __init__(self, q: Tensor | QueryProjection, v: Tensor, n: int, m: int, topk: int):
-        self.b, hp, wp = v.shape[:3]
-        self.qk = q.weight.shape[0] if isinstance(q, QueryProjection) else q.shape[-1]
+    def __init__(self, q: Tensor, v: Tensor, n: int, m: int, topk: int):
+        self.b, hp, wp, self.qk = q.shape
         self.dim = v.shape[-1]
         self.n, self.m, self.topk = n, m, topk
         self.h, self.w = hp // n, wp // n
@@ -128,11 +113,7 @@ def _gather(lay: _Layout, q6, k6, v6, key_valid, region_idx, r0, r1, scale):
     the ``[B, n, h, n, w, C]`` region views of q, k and v."""
     qi, ki, routed = _index(lay, region_idx, r0, r1)
     c, tn, m = r1 - r0, lay.topk * lay.tokens, lay.m
-    if isinstance(q6, QueryProjection):
-        q = F.linear(q6.x[qi[0], qi[1], :, qi[2]], q6.weight, q6.bias)
-    else:
-        q = q6[qi[0], qi[1], :, qi[2]]
-    q = q.view(c, lay.tokens, m, -1).transpose(1, 2).mul_(scale)
+    q = q6[qi[0], qi[1], :, qi[2]].view(c, lay.tokens, m, -1).transpose(1, 2).mul_(scale)
     k = k6[ki[0], ki[1], :, ki[2]].view(c, tn, m, -1).permute(0, 2, 3, 1)
     v = v6[ki[0], ki[1], :, ki[2]].view(c, tn, m, -1).transpose(1, 2)
     mask = None if key_valid is None else key_valid[routed].view(c, 1, 1, tn)
@@ -146,17 +127,9 @@ def _scores(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     return s
 
 
-def _forward(lay: _Layout, q, k, v, region_idx, key_valid, scale, with_lse: bool, out=None):
-    """Forward over all chunks. ``out`` (``[B, Hp, Wp, dim]``, optional) receives the result
-    added to what it holds; otherwise a new tensor is returned."""
-    if isinstance(q, QueryProjection):
-        q6 = q._replace(x=lay.regions(q.x))
-    else:
-        q6 = lay.regions(q)
-    k6, v6 = lay.regions(k), lay.regions(v)
-    accumulate = out is not None
-    if out is None:
-        out = v.new_empty(*v.shape[:3], lay.dim)
+def _forward(lay: _Layout, q, k, v, region_idx, key_valid, scale, with_lse: bool):
+    q6, k6, v6 = lay.regions(q), lay.regions(k), lay.regions(v)
+    out = v.new_empty(*v.shape[:3], lay.dim)
     out6 = lay.regions(out)
     lse = v.new_empty(lay.rows, lay.m, lay.tokens, 1) if with_lse else None
     for r0, r1 in lay.spans():
@@ -169,10 +142,7 @@ def _forward(lay: _Layout, q, k, v, region_idx, key_valid, scale, with_lse: bool
         probs = s.sub_(row_max).exp_()
         denom = probs.sum(-1, keepdim=True)
         o = torch.matmul(probs, vc).div_(denom.clamp_min(torch.finfo(denom.dtype).tiny))
-        o = o.transpose(1, 2).reshape(r1 - r0, lay.h, lay.w, -1)
-        if accumulate:
-            o += out6[qi[0], qi[1], :, qi[2]]
-        out6[qi[0], qi[1], :, qi[2]] = o
+        out6[qi[0], qi[1], :, qi[2]] = o.transpose(1, 2).reshape(r1 - r0, lay.h, lay.w, -1)
         if lse is not None:
             lse[r0:r1] = (row_max + denom.log()).masked_fill_(denom == 0, float("inf"))
     return out, lse
@@ -254,14 +224,12 @@ def region_attention(
     num_heads: int,
     scale: float,
     key_valid: Tensor | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
     """BiFormer's fine-level token attention on image-order queries, keys and values.
 
     Args:
         q: queries ``[B, Hp, Wp, qk_dim]``, ``Hp`` and ``Wp`` divisible by ``n_win`` (any
-            strides: views of the joint projection are read in place), or a
-            :class:`QueryProjection` (inference without autograd only).
+            strides: views of the joint projection are read in place).
         k: keys ``[B, Hp, Wp, qk_dim]``.
         v: values ``[B, Hp, Wp, dim]``.
         region_idx: ``[B, P, T]`` routed key regions of each of the ``P = n_win ** 2`` query
@@ -271,24 +239,77 @@ def region_attention(
         scale: multiplies ``q . k``.
         key_valid: ``[P, Nk]`` bool over the ``Nk = (Hp / n_win) * (Wp / n_win)`` tokens of
             each region in row-major order; ``False`` keys are never attended (padding).
-        out: optional ``[B, Hp, Wp, dim]`` tensor the result is added to in place (inference
-            without autograd only); it is returned.
 
     Returns:
         ``[B, Hp, Wp, dim]``: for every token, the softmax-weighted values over the tokens of
         its region's routed regions (zeros for a token without a valid key).
     """
-    projected = isinstance(q, QueryProjection)
-    tensors = (*q, k, v) if projected else (q, k, v)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if (out is not None or projected) and needs_grad:
-        raise ValueError("out= and QueryProjection are for inference without autograd")
-    if region_idx.shape[-1] * _DENSE_FACTOR >= n_win * n_win:
-        if projected:
-            q = q.full()
-        res = _masked_dense(q, k, v, region_idx, n_win, num_heads, scale, key_valid)
-        return res if out is None else out.add_(res)
-    if needs_grad:
+    if use_dense(region_idx.shape[-1], n_win):
+        return _masked_dense(q, k, v, region_idx, n_win, num_heads, scale, key_valid)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _RegionAttention.apply(q, k, v, region_idx, key_valid, n_win, num_heads, scale)
     lay = _Layout(q, v, n_win, num_heads, region_idx.shape[-1])
-    return _forward(lay, q, k, v, region_idx, key_valid, scale, with_lse=False, out=out)[0]
+    return _forward(lay, q, k, v, region_idx, key_valid, scale, with_lse=False)[0]
+
+
+def use_dense(topk: int, n_win: int) -> bool:
+    """Whether :func:`region_attention` runs the masked all-pairs attention."""
+    return topk * _DENSE_FACTOR >= n_win * n_win
+
+
+def region_rows_attention(
+    x: Tensor,
+    q_weight: Tensor,
+    q_bias: Tensor | None,
+    k: Tensor,
+    v: Tensor,
+    region_idx: Tensor,
+    out: Tensor,
+    *,
+    n_win: int,
+    scale: float,
+) -> Tensor:
+    """Inference-only fine level that never holds all queries: adds to ``out`` the attention
+    of every token of ``x`` over the tokens of its routed regions.
+
+    Queries are projected from ``x`` one chunk of region rows at a time; keys and values come
+    in region order, so routed regions are gathered with ``index_select`` of whole regions,
+    and each chunk's output is added to ``out`` through a view.
+
+    Args:
+        x: ``[B, H, W, C]`` input of the projections, ``H`` and ``W`` divisible by ``n_win``.
+        q_weight, q_bias: the query projection (``F.linear``) to ``qk_dim`` channels.
+        k: keys in region order, heads first: ``[B * P, M, h * w, qk_dim / M]`` (regions and
+            the tokens of a region row-major).
+        v: values ``[B * P, M, h * w, dim / M]``, same order.
+        region_idx: ``[B, P, T]`` routed key regions.
+        out: ``[B, H, W, dim]`` contiguous; the result is added to it in place and returned.
+        n_win: regions per side; scale: multiplies ``q . k``.
+    """
+    b, hgt, wid, c = x.shape
+    n, m, topk = n_win, k.shape[1], region_idx.shape[-1]
+    h, w = hgt // n, wid // n
+    tokens, dim = h * w, out.shape[-1]
+    per_region = m * tokens * topk * tokens + topk * tokens * (k.shape[1] * k.shape[-1] + dim)
+    band_rows = max(1, _CHUNK_ELEMS // (per_region * n))  # region rows (of n regions) per chunk
+    x_rows = x.reshape(b * n, h, n, w, c)
+    out_rows = out.view(b * n, h, n, w, dim)
+    flat_idx = (region_idx + torch.arange(b, device=x.device).view(-1, 1, 1) * (n * n)).view(-1)
+    for r0 in range(0, b * n, band_rows):
+        r1 = min(r0 + band_rows, b * n)
+        regions = (r1 - r0) * n
+        xq = x_rows[r0:r1].permute(0, 2, 1, 3, 4).reshape(regions, tokens, c)
+        q = F.linear(xq, q_weight, q_bias).view(regions, tokens, m, -1).transpose(1, 2)
+        ids = flat_idx[r0 * n * topk : r1 * n * topk]
+        kc, vc = k.index_select(0, ids), v.index_select(0, ids)  # [c * T, M, N, d]
+        if topk > 1:
+            kc = kc.view(regions, topk, m, tokens, -1).transpose(1, 2)
+            vc = vc.view(regions, topk, m, tokens, -1).transpose(1, 2)
+        kc = kc.reshape(regions, m, topk * tokens, -1)
+        vc = vc.reshape(regions, m, topk * tokens, -1)
+        s = torch.matmul(q.mul_(scale), kc.transpose(-1, -2))  # [c, M, N, T * N]
+        probs = s.sub_(s.amax(-1, keepdim=True)).exp_()
+        o = torch.matmul(probs, vc).div_(probs.sum(-1, keepdim=True))  # [c, M, N, dv]
+        o = o.transpose(1, 2).reshape(r1 - r0, n, h, w, dim)
+        out_rows[r0:r1].permute(0, 2, 1, 3, 4).add_(o)
+    return out

@@ -21,7 +21,11 @@ from torch.autograd.function import once_differentiable
 
 from core_attention import backends
 from core_attention.functional import attention
-from core_attention.layers._region_attention import QueryProjection, region_attention
+from core_attention.layers._region_attention import (
+    region_attention,
+    region_rows_attention,
+    use_dense,
+)
 
 __all__ = ["BiLevelRoutingAttention", "QKVLinear", "TopkRouting", "routed_attention"]
 
@@ -531,7 +535,7 @@ class BiLevelRoutingAttention(nn.Module):
         chunked = self._region_chunked(x)
         eager_no_grad = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
         pad_b, pad_r = (-h_in) % n, (-w_in) % n
-        if chunked and eager_no_grad and not (pad_b or pad_r):
+        if chunked and eager_no_grad and self._lean_fits(h_in, w_in):
             return self._lean_forward(x)
         q, k, v = self.qkv(x)
         v_real = v
@@ -597,37 +601,83 @@ class BiLevelRoutingAttention(nn.Module):
         return self.backend != "triton"
 
     def _lean_forward(self, x: Tensor) -> Tensor:
-        """Eager inference on sizes divisible by ``n_win`` (BiFormer's fine level): the same
-        arithmetic as :meth:`forward` in less memory. Queries are projected per band of
-        regions for the routing means and again per chunk in :func:`region_attention`, so
-        they never exist for the whole map; values are projected on their own (contiguous,
-        LePE reads them without a copy) and the attention output is added into the LePE
-        buffer."""
-        n, qk, lin = self.n_win, self.qk_dim, self.qkv.qkv
-        hh = x.shape[1] // n
-        weight = lin.weight.split([qk, qk, self.dim])
-        bias = (None,) * 3 if lin.bias is None else lin.bias.split([qk, qk, self.dim])
-        k = F.linear(x, weight[1], bias[1])
-        v = F.linear(x, weight[2], bias[2])
-        q_win = torch.cat(
-            [_region_mean(F.linear(band, weight[0], bias[0]), 1, n) for band in x.split(hh, dim=1)],
-            dim=1,
-        )  # [B, P, qk_dim], band by band
-        k_win = _region_mean(k, n, n)
-        _, r_idx = self.router(q_win, k_win)
-        out = self._lepe(v)
-        out = region_attention(
-            QueryProjection(x, weight[0], bias[0]),
-            k,
-            v,
+        """Eager inference on sizes divisible by ``n_win``: the arithmetic of :meth:`forward`
+        in less memory and time. One pass over bands of region rows projects q, k, v, takes
+        the routing means and stores keys and values in region order (queries are dropped
+        and projected again per chunk by :func:`region_rows_attention`); LePE runs band by
+        band into the output buffer, which the attention then adds to."""
+        b, hgt, wid, c = x.shape
+        n, qk, m, lin = self.n_win, self.qk_dim, self.num_heads, self.qkv.qkv
+        hh, ww = hgt // n, wid // n
+        tokens = hh * ww
+        k_reg = x.new_empty(b, n, n, m, tokens, qk // m)
+        v_reg = x.new_empty(b, n, n, m, tokens, self.dim // m)
+        q_win, k_win = [], []
+        for i, band in enumerate(x.split(hh, dim=1)):
+            xb = band.reshape(b, hh, n, ww, c).transpose(1, 2).reshape(b, n, tokens, c)
+            q, k, v = lin(xb).split([qk, qk, self.dim], dim=-1)  # [B, n, N, *] each
+            q_win.append(q.mean(2))
+            k_win.append(k.mean(2))
+            k_reg[:, i] = k.unflatten(-1, (m, -1)).transpose(2, 3)
+            v_reg[:, i] = v.unflatten(-1, (m, -1)).transpose(2, 3)
+            del q, k, v
+        _, r_idx = self.router(torch.cat(q_win, 1), torch.cat(k_win, 1))
+        out = self._lepe_bands(v_reg, x)
+        qk_weight = lin.weight[:qk]
+        qk_bias = None if lin.bias is None else lin.bias[:qk]
+        out = region_rows_attention(
+            x,
+            qk_weight,
+            qk_bias,
+            k_reg.view(b * n * n, m, tokens, -1),
+            v_reg.view(b * n * n, m, tokens, -1),
             r_idx,
+            out,
             n_win=n,
-            num_heads=self.num_heads,
             scale=self.scale,
-            out=out,
         )
-        del k, v
+        del k_reg, v_reg
         return self.wo(out)
+
+    def _lepe_bands(self, v_reg: Tensor, x: Tensor) -> Tensor:
+        """LePE of region-order values ``[B, n, n, M, h * w, d]`` as a new ``[B, H, W,
+        dim]`` tensor, one band of region rows at a time (each band with the ``k // 2``
+        neighbouring image rows it needs; zeros beyond the image, as the convolution's
+        padding). Zeros without LePE."""
+        b, hgt, wid, _ = x.shape
+        n = self.n_win
+        hh, ww = hgt // n, wid // n
+        if self.lepe is None:
+            return x.new_zeros(b, hgt, wid, self.dim)
+        out = x.new_empty(b, hgt, wid, self.dim)
+        pad = self.lepe.padding[0]
+
+        def rows(i: int, start: int, stop: int) -> Tensor:
+            """Image rows ``start:stop`` of region row ``i`` as ``[B, stop - start, W, C]``."""
+            t = v_reg[:, i].unflatten(-2, (hh, ww))[..., start:stop, :, :]  # [B, n, M, r, w, d]
+            return t.permute(0, 3, 1, 4, 2, 5).reshape(b, stop - start, wid, self.dim)
+
+        for i in range(n):
+            top = rows(i - 1, hh - pad, hh) if i > 0 else x.new_zeros(b, pad, wid, self.dim)
+            bottom = rows(i + 1, 0, pad) if i < n - 1 else x.new_zeros(b, pad, wid, self.dim)
+            band = torch.cat([top, rows(i, 0, hh), bottom], dim=1).permute(0, 3, 1, 2)
+            conv = F.conv2d(
+                band,
+                self.lepe.weight,
+                self.lepe.bias,
+                padding=(0, self.lepe.padding[1]),
+                groups=self.dim,
+            )  # [B, dim, hh, W]
+            out[:, i * hh : (i + 1) * hh] = conv.permute(0, 2, 3, 1)
+        return out
+
+    def _lean_fits(self, h_in: int, w_in: int) -> bool:
+        """Whether :meth:`_lean_forward` serves this size: divisible by ``n_win``, routed
+        (not masked dense) attention, and a LePE halo within one neighbouring region row."""
+        n = self.n_win
+        if h_in % n or w_in % n or use_dense(self.topk, n):
+            return False
+        return self.lepe is None or self.lepe.padding[0] <= h_in // n
 
     def _lepe(self, v: Tensor) -> Tensor | None:
         """LePE of the values ``[B, H, W, dim]`` -> ``[B, H, W, dim]``, or ``None``."""

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from attn_speech.enhance import scan_kernel
 from attn_speech.enhance.mamba import BiMamba, Mamba
 from attn_speech.enhance.selective_scan import BACKENDS, scan_chunked, selective_scan
+
+needs_kernel = pytest.mark.skipif(
+    not scan_kernel.available(), reason=f"no compiled scan kernel: {scan_kernel.build_error()}"
+)
+USABLE = [b for b in BACKENDS if b != "kernel" or scan_kernel.available()]
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -44,7 +52,7 @@ def test_backends_match_naive_float64(length):
     args = random_inputs(2, 3, 5, length, gen)
     u, delta, A, B, C, D, z, bias = args
     want = naive_scan(*args)
-    for backend in (*BACKENDS, "auto"):
+    for backend in (*USABLE, "auto"):
         got = selective_scan(
             u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, backend=backend
         )
@@ -63,7 +71,7 @@ def test_chunk_sizes_agree(chunk):
 def test_gradients_match():
     gen = torch.Generator().manual_seed(5)
     grads = []
-    for backend in BACKENDS:
+    for backend in USABLE:
         gen.manual_seed(5)
         args = random_inputs(2, 3, 4, 77, gen, requires_grad=True)
         u, delta, A, B, C, D, z, bias = args
@@ -145,3 +153,88 @@ def test_bimamba_backward_direction_sees_the_future():
     fwd(x2)[0, 0].sum().backward()
     assert x2.grad[0, 1:].abs().sum() == 0  # the forward direction alone is causal
     assert m(x).shape == x.shape
+
+
+def reference_tokens(u, delta_in, A, B, C, D, z, w, bias, reverse):
+    """scan_tokens' definition through the sequential backend, ``[S, L, *]`` layout."""
+    delta = F.softplus(delta_in @ w.t() + bias)
+    flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)
+    y = selective_scan(
+        *(flip(t).transpose(1, 2) for t in (u, delta)),
+        A,
+        *(flip(t).transpose(1, 2) for t in (B, C)),
+        D,
+        z=flip(z).transpose(1, 2),
+        backend="sequential",
+    )
+    return flip(y.transpose(1, 2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("length", [1, 7, 130])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernel_scan_with_step_projection_float64(length, reverse):
+    gen = torch.Generator().manual_seed(length)
+    s, d, n, r = 3, 37, 5, 3  # 37 channels: two full blocks of 16 and a partial one
+    xz = torch.randn(s, length, 2 * d, generator=gen, dtype=torch.float64)
+    dbc = torch.randn(s, length, r + 2 * n, generator=gen, dtype=torch.float64)
+    A = -torch.rand(d, n, generator=gen, dtype=torch.float64) * 4 - 0.1
+    D, bias = (
+        torch.randn(d, generator=gen, dtype=torch.float64),
+        torch.randn(d, dtype=torch.float64),
+    )
+    w = torch.randn(d, r, generator=gen, dtype=torch.float64)
+    u, z = xz[..., :d], xz[..., d:]  # strided views, as Mamba passes them
+    b, c, low = dbc[..., r : r + n], dbc[..., r + n :], dbc[..., :r]
+    got = scan_kernel.scan_tokens(
+        u, low, A, b, c, D, z=z, dt_weight=w, dt_bias=bias, reverse=reverse
+    )
+    want = reference_tokens(u, low, A, b, c, D, z, w, bias, reverse)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # float32 (polynomial exp and log1p) to float32 rounding
+    got32 = scan_kernel.scan_tokens(
+        *(t.float() for t in (u, low, A, b, c, D)),
+        z=z.float(),
+        dt_weight=w.float(),
+        dt_bias=bias.float(),
+        reverse=reverse,
+    )
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernel_conv_silu(reverse):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, 40, generator=gen, dtype=torch.float64)[..., 3:24]  # strided
+    w = torch.randn(21, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(21, generator=gen, dtype=torch.float64)
+    seq = x.flip(1) if reverse else x
+    want = F.silu(F.conv1d(seq.transpose(1, 2), w[:, None], bias, padding=3, groups=21)[..., :11])
+    want = want.transpose(1, 2)
+    torch.testing.assert_close(
+        scan_kernel.conv_silu(x, w, bias, reverse), want.flip(1) if reverse else want
+    )
+
+
+@needs_kernel
+def test_bimamba_kernel_path_matches_reference():
+    """Inference on the kernels (tiled, reverse direction without flips) equals the
+    sequential reference, in float64 and to float32 rounding in float32."""
+    torch.manual_seed(2)
+    m = BiMamba(6, d_state=5, d_conv=4, expand=3).double().eval()  # d_inner 18
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(5, 23, 6, dtype=torch.float64)
+    m.tile_tokens = 50  # two sequences per tile, the last tile short
+    m32 = copy.deepcopy(m).float()
+    with torch.no_grad():
+        got = m(x)
+        got32 = m32(x.float()).double()
+        for mod in m.modules():
+            if isinstance(mod, Mamba):
+                mod.scan_backend = "sequential"
+        want = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got32, want, rtol=1e-5, atol=1e-5)

@@ -156,6 +156,8 @@ class BiMamba(nn.Module):
     Shapes: ``[B, L, C]`` -> ``[B, L, C]``.
     """
 
+    tile_tokens = 2048  # inference on the compiled kernels: sequences per tile ~ this / L
+
     def __init__(self, d_model: int, **mamba_kwargs) -> None:
         super().__init__()
         self.forward_mamba = ResidualMamba(d_model, **mamba_kwargs)
@@ -163,6 +165,18 @@ class BiMamba(nn.Module):
         self.proj = nn.ConvTranspose1d(2 * d_model, d_model, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.forward_mamba.mixer._kernel_path(x):
+            return self._forward_tile(x)
+        # Without autograd, sequences go through in tiles of about `tile_tokens` tokens:
+        # the [tile, L, 2 d_inner] intermediates then stay in cache, and freed tiles are
+        # reused by the allocator instead of being mapped afresh (page faults) each time.
+        out = torch.empty_like(x)
+        step = max(1, self.tile_tokens // max(1, x.shape[1]))
+        for start in range(0, x.shape[0], step):
+            out[start : start + step] = self._forward_tile(x[start : start + step])
+        return out
+
+    def _forward_tile(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[-1]
         w = self.proj.weight[:, :, 0]  # [2C, C]: the 1x1 transposed convolution as a GEMM
         y = F.linear(self.forward_mamba(x), w[:c].t(), self.proj.bias)

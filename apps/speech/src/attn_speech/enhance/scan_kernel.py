@@ -45,6 +45,7 @@ _MAX_STATE = 64
 _SOURCE = r"""
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -111,16 +112,25 @@ inline vd vlog1p(vd x) {
     return x;
 }
 
+// Loads and stores of the w <= 16 channels of a block, one vector move when w = 16.
 template <typename V, typename T>
 inline V load(const T* p, int64_t w) {
     V v = {};
-    for (int64_t k = 0; k < w; ++k) v[k] = p[k];
+    if (w == BLOCK) {
+        std::memcpy(&v, p, sizeof(V));
+    } else {
+        for (int64_t k = 0; k < w; ++k) v[k] = p[k];
+    }
     return v;
 }
 
 template <typename V, typename T>
 inline void store(T* p, V v, int64_t w) {
-    for (int64_t k = 0; k < w; ++k) p[k] = v[k];
+    if (w == BLOCK) {
+        std::memcpy(p, &v, sizeof(V));
+    } else {
+        for (int64_t k = 0; k < w; ++k) p[k] = v[k];
+    }
 }
 
 template <typename V>
@@ -351,7 +361,11 @@ def supports(x: torch.Tensor, n_state: int = 0, rank: int = 0, width: int = 0) -
 def _run(name: str, dtype: torch.dtype, args: ctypes.Structure, items: int, work: int) -> None:
     """Split ``items`` work items between torch's thread count of Python threads."""
     fn = getattr(_library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
-    ref = ctypes.byref(args)
+    with torch.profiler.record_function(f"attn_speech::{name}_kernel"):
+        _run_split(fn, ctypes.byref(args), items, work)
+
+
+def _run_split(fn, ref, items: int, work: int) -> None:
     workers = max(1, min(torch.get_num_threads(), items))
     if workers == 1 or work < 1 << 16:
         fn(ref, 0, items)

@@ -49,6 +49,17 @@ __all__ = [
 # Elements of the MLP hidden activation per band in eager inference (4 MiB in fp32).
 _MLP_CHUNK_ELEMS = 1 << 20
 
+
+def _inference_layout(x: Tensor) -> Tensor:
+    """Channels-last NCHW in inference without autograd: the blocks' NHWC views are then
+    contiguous, so LayerNorm and the projections read them without copies (same values,
+    another memory layout). Converting the image makes every later stage input channels-last
+    without a copy. Training keeps the default layout, whose backward pass holds less."""
+    if torch.is_grad_enabled():
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 # BiFormer's full-attention block (topk -1 / -2) takes the official default of 8 heads, not
 # dim / head_dim: the released weights were trained that way.
 _FULL_ATTENTION_HEADS = 8
@@ -172,7 +183,7 @@ class BiFormerStage(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
+        x = _inference_layout(self.downsample(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
@@ -315,7 +326,7 @@ class BiFormer(nn.Module):
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
         last = len(self.stages) - 1
-        x = self.stem(x)
+        x = self.stem(_inference_layout(x))
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take:
@@ -338,7 +349,7 @@ class BiFormer(nn.Module):
         return take
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.norm(self.stages(self.stem(x)))
+        return self.norm(self.stages(self.stem(_inference_layout(x))))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":

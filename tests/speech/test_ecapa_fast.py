@@ -70,6 +70,10 @@ def test_reflection_padding_matches_reference_padding():
         buf = torch.full((3, 11 + 2 * pad, 4), float("nan"))
         buf[:, pad : pad + 11] = x
         torch.testing.assert_close(reflect_edges(buf, pad), expected, atol=0, rtol=0)
+    short = x[:, :3]  # shorter than the padding: the general index path
+    buf = torch.full((3, 3 + 8, 4), float("nan"))
+    buf[:, 4:7] = short
+    torch.testing.assert_close(reflect_edges(buf, 4), pad_time(short, 4, None), atol=0, rtol=0)
     frames = torch.tensor([11, 6, 9])
     padded = pad_time(x, 3, frames)
     for i, f in enumerate(frames.tolist()):

@@ -10,8 +10,9 @@ applied):
   ``var_x = a^2 var_u``, so ``x`` is never formed;
 * the scoring layer's 1x1 convolution of ``[x; mean; std]`` is ``(W_x a) u`` plus one
   ``[B, A]`` vector (``W_x b + W_m mean + W_s std + bias``);
-* the per-channel softmax over time is :func:`torch.softmax` over the time axis of the
-  ``[B, T, C]`` scores, not an attention call with one head of size 1 per channel.
+* the per-channel softmax over time runs directly on the ``[B, T, C]`` scores (its
+  normalisation applied to the weighted sums), not as an attention call with one head of
+  size 1 per channel.
 """
 
 from __future__ import annotations
@@ -85,9 +86,12 @@ class FastAttentivePooling(nn.Module):
             scores, u = scores.float(), u.float()
         if valid is not None:
             scores = scores.masked_fill_(~valid, float("-inf"))
-        alpha = torch.softmax(scores, dim=1)  # per channel, over time
-        mean_u = (alpha * u).sum(dim=1)
-        var_u = (u - mean_u[:, None]).square_().mul_(alpha).sum(dim=1)
+        # softmax over time per channel, its normalisation applied to the two sums instead
+        # of the [B, T, C] weights (torch.softmax over a non-inner dim is several times slower)
+        e = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()
+        total = e.sum(dim=1)
+        mean_u = (e * u).sum(dim=1).div_(total)
+        var_u = (u - mean_u[:, None]).square_().mul_(e).sum(dim=1).div_(total)
         mean = torch.addcmul(self.b.float(), mean_u, self.a.float())
         std = (var_u * self.a2.float()).clamp_(min=self.eps).sqrt_()
         return torch.cat([mean, std], dim=1)

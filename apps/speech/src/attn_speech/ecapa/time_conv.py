@@ -112,7 +112,12 @@ def reflect_edges(buf: torch.Tensor, pad: int) -> torch.Tensor:
     if pad == 0:
         return buf
     t = buf.shape[1] - 2 * pad
-    src = reflect_index(torch.tensor([t], device=buf.device), t, pad)[0] + pad
-    buf[:, :pad] = buf[:, src[:pad]]
-    buf[:, pad + t :] = buf[:, src[pad + t :]]
+    if t <= pad:  # reflections that fold more than once: the general index
+        src = reflect_index(torch.tensor([t], device=buf.device), t, pad)[0] + pad
+        buf[:, :pad] = buf[:, src[:pad]]
+        buf[:, pad + t :] = buf[:, src[pad + t :]]
+        return buf
+    # row u < pad reads interior frame pad - u; row pad + t + j reads frame t - 2 - j
+    buf[:, :pad] = buf[:, pad + 1 : 2 * pad + 1].flip(1)
+    buf[:, pad + t :] = buf[:, t - 1 : pad + t - 1].flip(1)
     return buf

@@ -153,26 +153,27 @@ def _split(qkv: Tensor, qk_dim: int):
 
 
 class _RegionAttention(torch.autograd.Function):
-    """Saves q, k, v (views of the projection, no copies), the output and the row
-    log-sum-exp; the backward pass recomputes each chunk's scores."""
+    """Saves q, k, v (views of the projection, no copies) and the row log-sum-exp; the
+    backward pass recomputes each chunk's scores and output (not storing the output keeps
+    one activation-sized tensor per layer out of the training footprint)."""
 
     @staticmethod
     def forward(ctx, q, k, v, region_idx, key_valid, n, m, scale):
         lay = _Layout(q, v, n, m, region_idx.shape[-1])
         out, lse = _forward(lay, q, k, v, region_idx, key_valid, scale, with_lse=True)
-        ctx.save_for_backward(q, k, v, region_idx, key_valid, out, lse)
+        ctx.save_for_backward(q, k, v, region_idx, key_valid, lse)
         ctx.args = (n, m, scale, key_valid is not None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q_all, k_all, v_all, region_idx, key_valid, out, lse = ctx.saved_tensors
+        q_all, k_all, v_all, region_idx, key_valid, lse = ctx.saved_tensors
         n, m, scale, has_valid = ctx.args
         key_valid = key_valid if has_valid else None
         lay = _Layout(q_all, v_all, n, m, region_idx.shape[-1])
         q6, k6, v6 = lay.regions(q_all), lay.regions(k_all), lay.regions(v_all)
-        go6, out6 = lay.regions(grad_out.contiguous()), lay.regions(out)
+        go6 = lay.regions(grad_out.contiguous())
         grad_q = q_all.new_empty(q_all.shape)
         grad_q6 = lay.regions(grad_q)
         # Routed key/value gradients add up over query regions: accumulate them in region
@@ -186,8 +187,7 @@ class _RegionAttention(torch.autograd.Function):
             q, k, v, mask, qi = _gather(lay, q6, k6, v6, key_valid, region_idx, r0, r1, scale)
             probs = _scores(q, k, mask).sub_(lse[r0:r1]).exp_()
             go = go6[qi[0], qi[1], :, qi[2]].view(c, lay.tokens, m, -1).transpose(1, 2)
-            o = out6[qi[0], qi[1], :, qi[2]].view(c, lay.tokens, m, -1).transpose(1, 2)
-            delta = (go * o).sum(-1, keepdim=True)
+            delta = (go * torch.matmul(probs, v)).sum(-1, keepdim=True)  # rowsum(dO * O)
             dv = torch.matmul(probs.transpose(-1, -2), go)  # [c, M, T*N, dv]
             ds = torch.matmul(go, v.transpose(-1, -2)).sub_(delta).mul_(probs)
             dq = torch.matmul(ds, k.transpose(-1, -2)).mul_(scale)

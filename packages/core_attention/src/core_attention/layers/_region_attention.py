@@ -298,8 +298,10 @@ def region_rows_attention(
     for r0 in range(0, b * n, band_rows):
         r1 = min(r0 + band_rows, b * n)
         regions = (r1 - r0) * n
-        xq = x_rows[r0:r1].permute(0, 2, 1, 3, 4).reshape(regions, tokens, c)
-        q = F.linear(xq, q_weight, q_bias).view(regions, tokens, m, -1).transpose(1, 2)
+        # Region rows are contiguous in image order: project them in place, then one copy
+        # to [regions, M, N, dq].
+        q = F.linear(x_rows[r0:r1], q_weight, q_bias).view(r1 - r0, h, n, w, m, -1)
+        q = q.permute(0, 2, 4, 1, 3, 5).reshape(regions, m, tokens, -1)
         ids = flat_idx[r0 * n * topk : r1 * n * topk]
         kc, vc = k.index_select(0, ids), v.index_select(0, ids)  # [c * T, M, N, d]
         if topk > 1:
@@ -310,6 +312,6 @@ def region_rows_attention(
         s = torch.matmul(q.mul_(scale), kc.transpose(-1, -2))  # [c, M, N, T * N]
         probs = s.sub_(s.amax(-1, keepdim=True)).exp_()
         o = torch.matmul(probs, vc).div_(probs.sum(-1, keepdim=True))  # [c, M, N, dv]
-        o = o.transpose(1, 2).reshape(r1 - r0, n, h, w, dim)
-        out_rows[r0:r1].permute(0, 2, 1, 3, 4).add_(o)
+        o = o.view(r1 - r0, n, m, h, w, -1).permute(0, 3, 1, 4, 2, 5)  # [c, h, n, w, M, dv]
+        out_rows[r0:r1].view(o.shape).add_(o)
     return out

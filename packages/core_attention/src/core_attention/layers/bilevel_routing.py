@@ -606,7 +606,7 @@ class BiLevelRoutingAttention(nn.Module):
         the routing means and stores keys and values in region order (queries are dropped
         and projected again per chunk by :func:`region_rows_attention`); LePE runs band by
         band into the output buffer, which the attention then adds to."""
-        b, hgt, wid, c = x.shape
+        b, hgt, wid, _ = x.shape
         n, qk, m, lin = self.n_win, self.qk_dim, self.num_heads, self.qkv.qkv
         hh, ww = hgt // n, wid // n
         tokens = hh * ww
@@ -614,12 +614,13 @@ class BiLevelRoutingAttention(nn.Module):
         v_reg = x.new_empty(b, n, n, m, tokens, self.dim // m)
         q_win, k_win = [], []
         for i, band in enumerate(x.split(hh, dim=1)):
-            xb = band.reshape(b, hh, n, ww, c).transpose(1, 2).reshape(b, n, tokens, c)
-            q, k, v = lin(xb).split([qk, qk, self.dim], dim=-1)  # [B, n, N, *] each
-            q_win.append(q.mean(2))
-            k_win.append(k.mean(2))
-            k_reg[:, i] = k.unflatten(-1, (m, -1)).transpose(2, 3)
-            v_reg[:, i] = v.unflatten(-1, (m, -1)).transpose(2, 3)
+            q, k, v = lin(band).split([qk, qk, self.dim], dim=-1)  # [B, hh, W, *] each
+            q_win.append(_region_mean(q, 1, n))
+            k_win.append(_region_mean(k, 1, n))
+            for src, dst in ((k, k_reg), (v, v_reg)):
+                # [B, hh, n, ww, M, d] -> [B, n, M, hh, ww, d]
+                src = src.unflatten(-1, (m, -1)).unflatten(2, (n, ww)).permute(0, 2, 4, 1, 3, 5)
+                dst[:, i].view(src.shape).copy_(src)
             del q, k, v
         _, r_idx = self.router(torch.cat(q_win, 1), torch.cat(k_win, 1))
         out = self._lepe_bands(v_reg, x)

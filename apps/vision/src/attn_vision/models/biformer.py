@@ -148,15 +148,32 @@ class BiFormerBlock(nn.Module):
             x = x + self.drop_path(self.mlp(self.norm2(x)))
             return x.permute(0, 3, 1, 2)
         # Eager inference: residuals are added in place and the MLP (whose hidden layer is
-        # mlp_ratio times wider than the stream) runs on bands of rows, so its hidden
+        # mlp_ratio times wider than the stream) runs on chunks of tokens, so its hidden
         # activation never exists for the whole map at once. Same arithmetic per token.
         x.add_(self.drop_path(self.attn(self.norm1(x))))
-        b, h, w, _ = x.shape
-        rows = max(1, _MLP_CHUNK_ELEMS // max(1, b * w * self.mlp.fc1.out_features))
-        for i in range(0, h, rows):
-            band = x[:, i : i + rows]
-            band.add_(self.drop_path(self.mlp(self.norm2(band))))
+        hidden = self.mlp.fc1.out_features
+        if x.is_contiguous() and not self.training:
+            tokens = x.view(-1, x.shape[-1])
+            step = max(1, _MLP_CHUNK_ELEMS // hidden)
+            for t0 in range(0, tokens.shape[0], step):
+                part = tokens[t0 : t0 + step]
+                part.add_(self._mlp_in_place(self.norm2(part)))
+        else:
+            b, h, w, _ = x.shape
+            rows = max(1, _MLP_CHUNK_ELEMS // max(1, b * w * hidden))
+            for i in range(0, h, rows):
+                band = x[:, i : i + rows]
+                band.add_(self.drop_path(self.mlp(self.norm2(band))))
         return x.permute(0, 3, 1, 2)
+
+    def _mlp_in_place(self, x: Tensor) -> Tensor:
+        """timm's ``Mlp`` forward (eval, no grad) with its GELU applied in place on the
+        hidden activation (exact ``nn.GELU`` semantics; other layers run as usual)."""
+        mlp = self.mlp
+        if not isinstance(mlp.act, nn.GELU):
+            return mlp(x)
+        hid = mlp.norm(mlp.drop1(torch.ops.aten.gelu_(mlp.fc1(x), approximate=mlp.act.approximate)))
+        return mlp.drop2(mlp.fc2(hid))
 
 
 class BiFormerStage(nn.Module):

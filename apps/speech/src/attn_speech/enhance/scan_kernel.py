@@ -261,7 +261,22 @@ void conv_f64(const ConvArgs* a, int64_t i0, int64_t i1) { conv_items<double, vd
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-Wno-psabi"]
+_FLAGS = ["-O3", "-fno-math-errno", "-Wno-psabi"]
+# Instruction sets from what ATen dispatches to on this CPU, not -march=native: the cache
+# folder may be shared by machines of different CPU generations.
+_ISA_FLAGS = {
+    "AVX512": [
+        *("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"),
+        "-mprefer-vector-width=512",
+    ],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def _flags() -> list[str]:
+    return _FLAGS + _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -308,7 +323,7 @@ def _compile(path: Path) -> None:
         src = Path(tmp) / "scan.cpp"
         src.write_text(_SOURCE)
         out = Path(tmp) / path.name
-        cmd = [cxx, *_FLAGS, "-fPIC", "-shared", "-o", str(out), str(src)]
+        cmd = [cxx, *_flags(), "-fPIC", "-shared", "-o", str(out), str(src)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()}")
@@ -318,7 +333,7 @@ def _compile(path: Path) -> None:
 def _library() -> ctypes.CDLL | None:
     with _lock:
         if "lib" not in _state:
-            key = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+            key = hashlib.sha256((_SOURCE + " ".join(_flags())).encode()).hexdigest()[:16]
             path = _cache_dir() / f"selective_scan_{key}.so"
             try:
                 if not path.exists():
@@ -371,8 +386,10 @@ def _run_split(fn, ref, items: int, work: int) -> None:
         fn(ref, 0, items)
         return
     pool = _state.get("pool")
-    if pool is None or pool._max_workers != workers:  # type: ignore[attr-defined]
+    # a new pool after a fork too: the parent's worker threads do not exist in the child
+    if pool is None or _state.get("pool_key") != (workers, os.getpid()):
         pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="attn-scan")
+        _state["pool_key"] = (workers, os.getpid())
     bounds = [items * i // workers for i in range(workers + 1)]
     jobs = [pool.submit(fn, ref, a, b) for a, b in itertools.pairwise(bounds)]  # type: ignore[attr-defined]
     for job in jobs:

@@ -151,6 +151,30 @@ def test_export_torch_export_checked(model_dir, tmp_path):
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_export_torch_export_dynamic_batch(model_dir, tmp_path):
+    out = tmp_path / "model.pt2"
+    argv = ["export", "--model", str(model_dir), "--format", "torch-export", "--output", str(out)]
+    assert main([*argv, "--dynamic-batch"]) == 0
+    program = torch.export.load(out).module()
+    model = create_model(str(model_dir)).eval()
+    for batch in (1, 3, 6):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_biformer_tiny_exports_with_dynamic_batch_at_224():
+    """The routed (region-chunked) fine level at BiFormer-T's own sizes, batch symbolic."""
+    model = timm.create_model("biformer_tiny", num_classes=3).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        model, (torch.randn(2, 3, 224, 224),), dynamic_shapes=({0: batch},)
+    ).module()
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_export_onnx_checked(model_dir, tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -169,7 +193,7 @@ def test_export_onnx_checked(model_dir, tmp_path):
 def test_export_check_catches_a_wrong_program(model_dir, tmp_path, monkeypatch):
     from attn_vision.commands import export as export_mod
 
-    def broken(model, example, path):
+    def broken(model, example, path, *args):
         return lambda x: model(x).detach().numpy() + 1e-2
 
     monkeypatch.setattr(export_mod, "export_torch", broken)

@@ -1,9 +1,11 @@
 """``attn-vision export --model M --format onnx|torch-export``, checked against eager.
 
-The exported program has the input shape ``[batch, 3, img, img]`` it was traced with. After
-writing it, the file is loaded back (``torch.export.load`` or onnxruntime) and run on a
-fresh random input of that shape; the largest deviation from the eager model must stay
-within ``--atol + --rtol * |eager|`` or the command fails (and says by how much).
+The exported program has the input shape ``[batch, 3, img, img]`` it was traced with, or,
+with ``--dynamic-batch``, any batch size (traced at ``max(batch, 2)``: a batch of one would
+be specialised). After writing it, the file is loaded back (``torch.export.load`` or
+onnxruntime) and run on a fresh random input of that shape (and, for a dynamic batch, of
+that batch plus two); the largest deviation from the eager model must stay within
+``--atol + --rtol * |eager|`` or the command fails (and says by how much).
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from attn_vision.commands.common import add_model_arguments, load_model, refuse_
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
 
 
-def export_torch(model: nn.Module, example: torch.Tensor, path: Path):
-    program = torch.export.export(model, (example,))
+def _dynamic_shapes(dynamic_batch: bool):
+    return ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+
+
+def export_torch(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch=False):
+    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
     torch.export.save(program, path)
 
     def run(x: torch.Tensor) -> np.ndarray:
@@ -32,13 +38,24 @@ def export_torch(model: nn.Module, example: torch.Tensor, path: Path):
     return run
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None):
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int | None,
+    dynamic_batch: bool = False,
+):
     try:
         import onnxruntime as ort
     except ImportError:
         raise RuntimeError("--format onnx needs onnx, onnxscript and onnxruntime") from None
     program = torch.onnx.export(
-        model, (example,), dynamo=True, opset_version=opset, input_names=["images"]
+        model,
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["images"],
+        dynamic_shapes=_dynamic_shapes(dynamic_batch),
     )
     program.save(str(path))
 
@@ -59,28 +76,36 @@ def export(
     atol: float = 1e-4,
     opset: int | None = None,
     seed: int = 0,
+    dynamic_batch: bool = False,
 ) -> float:
     """Export ``model`` (on the CPU, eval mode) to ``path`` and check it; returns the largest
-    absolute deviation from eager. Raises ``AssertionError`` when the check fails."""
+    absolute deviation from eager. Raises ``AssertionError`` when the check fails.
+    ``dynamic_batch`` exports dimension 0 as symbolic and checks two batch sizes."""
     model = model.cpu().eval()
     g = torch.Generator().manual_seed(seed)
+    input_shape = tuple(input_shape)
+    if dynamic_batch:
+        input_shape = (max(input_shape[0], 2), *input_shape[1:])
     example = torch.randn(input_shape, generator=g)
     if fmt == "onnx":
-        run = export_onnx(model, example, path, opset)
+        run = export_onnx(model, example, path, opset, dynamic_batch)
     elif fmt == "torch-export":
-        run = export_torch(model, example, path)
+        run = export_torch(model, example, path, dynamic_batch)
     else:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(SUFFIX)}")
-    check = torch.randn(input_shape, generator=g)
-    with torch.no_grad():
-        eager = model(check).numpy()
-    got = run(check)
-    deviation = float(np.abs(got - eager).max())
-    if not np.allclose(got, eager, rtol=rtol, atol=atol):
-        raise AssertionError(
-            f"{path}: exported model deviates from eager by up to {deviation:.3g} "
-            f"(allowed atol {atol} + rtol {rtol} x |eager|)"
-        )
+    batches = (input_shape[0], input_shape[0] + 2) if dynamic_batch else (input_shape[0],)
+    deviation = 0.0
+    for batch in batches:
+        check = torch.randn((batch, *input_shape[1:]), generator=g)
+        with torch.no_grad():
+            eager = model(check).numpy()
+        got = run(check)
+        deviation = max(deviation, float(np.abs(got - eager).max()))
+        if not np.allclose(got, eager, rtol=rtol, atol=atol):
+            raise AssertionError(
+                f"{path}: exported model deviates from eager by up to {deviation:.3g} at batch "
+                f"{batch} (allowed atol {atol} + rtol {rtol} x |eager|)"
+            )
     return deviation
 
 
@@ -93,9 +118,10 @@ def run(args: argparse.Namespace) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     deviation = export(
         model, path, fmt=args.format, input_shape=shape, rtol=args.rtol, atol=args.atol,
-        opset=args.opset,
+        opset=args.opset, dynamic_batch=args.dynamic_batch,
     )  # fmt: skip
-    warn(f"wrote {path} (input {list(shape)}); max |exported - eager| = {deviation:.3g}")
+    batch = "any batch" if args.dynamic_batch else f"input {list(shape)}"
+    warn(f"wrote {path} ({batch}); max |exported - eager| = {deviation:.3g}")
     return 0
 
 
@@ -112,6 +138,11 @@ def register(cli) -> None:
         "--img-size", type=int, default=None, help="input side (default: the model's input size)"
     )
     p.add_argument("--batch-size", type=int, default=1, help="input batch (default: %(default)s)")
+    p.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="export the batch dimension as dynamic (the file then takes any batch size)",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument(
         "--rtol", type=float, default=1e-4, help="check tolerance (default: %(default)s)"

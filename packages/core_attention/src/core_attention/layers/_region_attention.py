@@ -93,6 +93,9 @@ class _Layout:
         return t.view(self.b, self.n, self.h, self.n, self.w, t.shape[-1])
 
     def spans(self):
+        if self.chunk == self.rows:  # also keeps a symbolic size out of range()
+            yield 0, self.rows
+            return
         for r0 in range(0, self.rows, self.chunk):
             yield r0, min(r0 + self.chunk, self.rows)
 

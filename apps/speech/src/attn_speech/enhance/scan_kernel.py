@@ -13,8 +13,9 @@ The C++ source below is compiled on first use (under a second) with the system's
 compiler into the user's cache folder (``$XDG_CACHE_HOME/attn-speech``, else
 ``~/.cache/attn-speech``) and loaded with :mod:`ctypes`; :func:`available` is False where
 there is no compiler or the build fails, and callers then use the PyTorch loop. Work is split
-between ``torch.get_num_threads()`` Python threads (:mod:`ctypes` releases the GIL while the
-kernel runs). Float32 uses polynomial ``exp``/``log1p`` (about 1 ulp); float64 the C library.
+between ``torch.get_num_threads()`` OpenMP threads of the runtime PyTorch already runs (so
+the two never compete for cores). Float32 uses polynomial ``exp``/``log1p`` (about 1 ulp);
+float64 the C library.
 
 Inference only: the kernels compute no gradients.
 
@@ -26,13 +27,11 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -253,15 +252,37 @@ void conv_items(const ConvArgs& a, int64_t item0, int64_t item1) {
 
 }  // namespace
 
+// Work items shared by `threads` OpenMP threads: built with -fopenmp, the library uses the
+// OpenMP runtime (libgomp.so.1) that PyTorch has loaded, and with it its threads. Items are
+// handed out a few at a time, so that a thread the OS deschedules (a loaded machine) does
+// not keep the others spinning at the end of the loop.
+template <typename Args, typename Fn>
+void parallel(const Args* a, int64_t items, int64_t threads, Fn fn) {
+    if (threads <= 1) {
+        fn(*a, 0, items);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t i = 0; i < items; i += 4) fn(*a, i, i + 4 < items ? i + 4 : items);
+}
+
 extern "C" {
-void scan_f32(const ScanArgs* a, int64_t i0, int64_t i1) { scan_items<float, vf>(*a, i0, i1); }
-void scan_f64(const ScanArgs* a, int64_t i0, int64_t i1) { scan_items<double, vd>(*a, i0, i1); }
-void conv_f32(const ConvArgs* a, int64_t i0, int64_t i1) { conv_items<float, vf>(*a, i0, i1); }
-void conv_f64(const ConvArgs* a, int64_t i0, int64_t i1) { conv_items<double, vd>(*a, i0, i1); }
+void scan_f32(const ScanArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, scan_items<float, vf>);
+}
+void scan_f64(const ScanArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, scan_items<double, vd>);
+}
+void conv_f32(const ConvArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, conv_items<float, vf>);
+}
+void conv_f64(const ConvArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, conv_items<double, vd>);
+}
 }
 """
 
-_FLAGS = ["-O3", "-fno-math-errno", "-Wno-psabi"]
+_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 # Instruction sets from what ATen dispatches to on this CPU, not -march=native: the cache
 # folder may be shared by machines of different CPU generations.
 _ISA_FLAGS = {
@@ -374,26 +395,11 @@ def supports(x: torch.Tensor, n_state: int = 0, rank: int = 0, width: int = 0) -
 
 
 def _run(name: str, dtype: torch.dtype, args: ctypes.Structure, items: int, work: int) -> None:
-    """Split ``items`` work items between torch's thread count of Python threads."""
+    """Run ``items`` work items on torch's number of threads (one when ``work`` is small)."""
     fn = getattr(_library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    threads = 1 if work < 1 << 16 else max(1, min(torch.get_num_threads(), items))
     with torch.profiler.record_function(f"attn_speech::{name}_kernel"):
-        _run_split(fn, ctypes.byref(args), items, work)
-
-
-def _run_split(fn, ref, items: int, work: int) -> None:
-    workers = max(1, min(torch.get_num_threads(), items))
-    if workers == 1 or work < 1 << 16:
-        fn(ref, 0, items)
-        return
-    pool = _state.get("pool")
-    # a new pool after a fork too: the parent's worker threads do not exist in the child
-    if pool is None or _state.get("pool_key") != (workers, os.getpid()):
-        pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="attn-scan")
-        _state["pool_key"] = (workers, os.getpid())
-    bounds = [items * i // workers for i in range(workers + 1)]
-    jobs = [pool.submit(fn, ref, a, b) for a, b in itertools.pairwise(bounds)]  # type: ignore[attr-defined]
-    for job in jobs:
-        job.result()
+        fn(ctypes.byref(args), items, threads)
 
 
 def _unit_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -238,3 +238,24 @@ def test_bimamba_kernel_path_matches_reference():
         want = m(x)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got32, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_threads_give_the_same_result():
+    gen = torch.Generator().manual_seed(6)
+    s, length, d, n = 4, 64, 48, 16  # large enough to be split between threads
+    u, low, z = (torch.randn(s, length, d, generator=gen) for _ in range(3))
+    b, c = (torch.randn(s, length, n, generator=gen) for _ in range(2))
+    A = -torch.rand(d, n, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = scan_kernel.scan_tokens(u, F.softplus(low), A, b, c, z=z)
+            conv = scan_kernel.conv_silu(u.repeat(6, 1, 1), low[0, :4].t().contiguous(), None)
+            results.append((y, conv))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)

@@ -82,6 +82,8 @@ class _FastBlock(nn.Module):
             scale = a1[cols] if i == 1 else torch.ones_like(a1[cols])
             groups.append(_conv_relu(sub.conv, scale, b1[cols]))
         self.groups = nn.ModuleList(groups)
+        if len({g.pad for g in groups}) > 1:
+            raise NotImplementedError("Res2Net groups with different paddings")
         self.register_buffer("a1", a1)
         for i, (a, b) in enumerate(_affine(sub.norm) for sub in res2.blocks):
             self.register_buffer(f"ga{i}", a)
@@ -106,11 +108,11 @@ class _FastBlock(nn.Module):
         cat = torch.empty_like(u1)
         cat[..., :w] = u1[..., :w]
         y = None
+        p = self.groups[0].pad
+        buf = u1.new_empty(b, t + 2 * p, w)  # each group's padded input, in turn
+        inner = buf[:, p : p + t] if frames is None else u1.new_empty(b, t, w)
         for i, conv in enumerate(self.groups, start=1):
             cols = slice(i * w, (i + 1) * w)
-            p = conv.pad
-            buf = u1.new_empty(b, t + 2 * p, w)
-            inner = buf[:, p : p + t] if frames is None else u1.new_empty(b, t, w)
             if y is None:
                 inner.copy_(u1[..., cols])
             else:

@@ -3,12 +3,17 @@
 The fine level of BiFormer lets the tokens of query region ``p`` attend the tokens of the
 ``T`` key regions ``region_idx[b, p]``. The official code gathers the routed keys and values
 of every query region at once (a ``T``-fold copy of K and V) and keeps it for the backward
-pass. Here the query regions are processed in chunks straight from the projection output
-``qkv`` (``[B, Hp, Wp, 2 * qk_dim + dim]``, image order): only one chunk's routed keys and
-values are gathered at a time, the output is written back in image order (no region-order
-copies of q, k, v or the output), and the backward pass recomputes each chunk's scores from
-``qkv`` and the saved log-sum-exp instead of storing them. The arithmetic per chunk is the
-official one (one softmax over all ``T * Nk`` routed keys).
+pass. Three routines here compute the same result (one softmax over all ``T * Nk`` routed
+keys per query):
+
+* :func:`region_attention` on image-order ``q, k, v`` ``[B, Hp, Wp, C]`` (views of the joint
+  projection are read in place): query regions in chunks, only one chunk's routed keys and
+  values gathered at a time, the output written back in image order; the backward pass
+  recomputes each chunk's scores and output from q, k, v and the saved log-sum-exp.
+* the masked all-pairs attention it switches to when the routing covers at least
+  ``1 / _DENSE_FACTOR`` of the regions (one fused SDPA call under an additive mask).
+* :func:`region_rows_attention` for eager inference: keys and values in region order,
+  queries projected per chunk of region rows, output added through a view.
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ attention from each query region to the tokens of its routed regions only.
 regions one at a time and merges them with an online softmax, and its backward pass
 recomputes each region's scores instead of storing them, so memory does not grow with
 ``topk``.
+
+:class:`BiLevelRoutingAttention` with BiFormer's own settings (unpooled keys, hard routing)
+runs the fine level through :mod:`core_attention.layers._region_attention` instead: chunks
+of query regions read straight from the projection (no region-order copies kept for the
+backward pass, which recomputes scores and outputs from the saved log-sum-exp), a masked
+all-pairs attention when the routing covers at least a quarter of the regions, and in eager
+inference a band pass that never holds all queries (see :meth:`_lean_forward`).
 """
 
 from __future__ import annotations
@@ -341,8 +348,11 @@ class BiLevelRoutingAttention(nn.Module):
 
     Differences from the official module:
 
-    * Memory: the routed keys and values are not gathered into a ``topk``-fold copy; see
-      :func:`routed_attention`. Memory of forward and backward does not grow with ``topk``.
+    * Memory: the routed keys and values are never gathered into a ``topk``-fold copy for
+      the whole map (see :func:`routed_attention` and
+      :func:`~core_attention.layers._region_attention.region_attention`); the training
+      footprint holds the projection, LePE and output-projection inputs and a row
+      log-sum-exp, and eager inference holds keys and values but not the queries.
     * ``auto_pad=True`` on sizes not divisible by ``n_win``: the official module zero-pads
       the input and lets the padded tokens take part everywhere (their projections equal the
       ``qkv`` bias). Here padded tokens are left out of the region means used for routing,

@@ -4,6 +4,9 @@
   network whose routing layers are replaced by ``GatherBRA`` below, a re-implementation of
   the official ``ops/bra_legacy.py`` forward (``torch.gather`` of the routed key/value
   regions into a ``[n, p^2, topk, w^2, c]`` copy, one softmax), with the same weights.
+  Only the routing layers differ: everything else in the two networks is the same code
+  (including BiFormer's eager-inference path: channels-last maps, in-place residuals, the
+  MLP over token chunks), so both gain from it alike.
 * ``halonet26t`` with core_attention's ``HaloAttention`` against timm's own ``HaloAttn``,
   with the same weights.
 

@@ -1,5 +1,5 @@
 """The selective scan of Mamba (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with
-Selective State Spaces", Algorithm 2 / S6) in plain PyTorch.
+Selective State Spaces", Algorithm 2 / S6): PyTorch loops and a compiled CPU kernel.
 
 For every channel ``d`` and state ``n``::
 

@@ -10,6 +10,9 @@ RTF = processing time / audio duration (below 1: faster than real time) of
 machine; ``--clock cpu`` counts the process's CPU time, which other jobs do not inflate
 (meaningful at one thread). ``auto`` is the compiled kernel path of
 :mod:`attn_speech.enhance.scan_kernel` where it builds; its one-off build is reported.
+On a machine that other jobs load, OpenMP threads spinning at barriers make two threads
+far slower than one (every parallel op waits for a descheduled thread);
+``OMP_WAIT_POLICY=passive`` avoids most of that.
 
 The scan part times every backend of :data:`~attn_speech.enhance.selective_scan.BACKENDS`
 on the shapes of the time-axis Mamba (Gu & Dao 2023) of one 4 s chunk (best of

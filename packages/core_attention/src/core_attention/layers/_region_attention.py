@@ -299,7 +299,8 @@ def region_rows_attention(
     h, w = hgt // n, wid // n
     tokens, dim = h * w, out.shape[-1]
     per_region = m * tokens * topk * tokens + topk * tokens * (k.shape[1] * k.shape[-1] + dim)
-    band_rows = max(1, _CHUNK_ELEMS // (per_region * n))  # region rows (of n regions) per chunk
+    # Region rows (of n regions) per chunk; two at least: fewer, larger matrix products.
+    band_rows = max(2, _CHUNK_ELEMS // (per_region * n))
     x_rows = x.reshape(b * n, h, n, w, c)
     out_rows = out.view(b * n, h, n, w, dim)
     flat_idx = (region_idx + torch.arange(b, device=x.device).view(-1, 1, 1) * (n * n)).view(-1)

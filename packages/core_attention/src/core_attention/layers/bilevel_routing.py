@@ -709,4 +709,8 @@ class BiLevelRoutingAttention(nn.Module):
         """LePE of the values ``v`` plus the attention output ``out`` (both ``[B, H, W,
         dim]``), then ``wo``."""
         lepe = self._lepe(v)
-        return self.wo(out if lepe is None else out + lepe)
+        if lepe is None:
+            return self.wo(out)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.wo(out + lepe)
+        return self.wo(lepe.add_(out))  # eager inference: the fresh LePE buffer takes the sum

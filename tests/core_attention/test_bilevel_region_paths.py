@@ -86,9 +86,16 @@ def _inputs(b, n, h, w, qk, dim, topk, dtype=torch.float64, mask=False, seed=0):
     return q, k, v, idx, key_valid
 
 
-# (n_win, region h, region w, heads, topk): odd region sizes; topk * 4 < n^2 is the chunked
-# path, the others the masked dense one.
-CASES = [(3, 3, 2, 2, 1), (3, 2, 3, 2, 2), (4, 3, 1, 1, 3), (3, 1, 3, 2, 3), (2, 2, 3, 2, 4)]
+# (n_win, region h, region w, heads, topk): odd region sizes; topk * 4 < n^2 or regions of
+# more than 16 tokens is the chunked path, the others the masked dense one.
+CASES = [
+    (3, 3, 2, 2, 1),
+    (3, 2, 3, 2, 2),
+    (4, 3, 1, 1, 3),
+    (3, 1, 3, 2, 3),
+    (2, 2, 3, 2, 4),
+    (2, 5, 4, 2, 3),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -136,7 +143,8 @@ def test_region_attention_gradcheck(topk, monkeypatch):
 
 
 def test_dense_choice():
-    assert not use_dense(1, 7) and not use_dense(4, 7) and use_dense(16, 7)
+    assert not use_dense(1, 7, 4) and not use_dense(4, 7, 4) and use_dense(16, 7, 4)
+    assert not use_dense(16, 7, 64)  # BiFormer-T's first stage with topk 16: routed
 
 
 @pytest.mark.parametrize(("n", "h", "w", "m", "topk"), [(3, 3, 2, 2, 1), (4, 2, 3, 2, 3)])

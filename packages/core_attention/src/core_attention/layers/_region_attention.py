@@ -11,7 +11,8 @@ keys per query):
   values gathered at a time, the output written back in image order; the backward pass
   recomputes each chunk's scores and output from q, k, v and the saved log-sum-exp.
 * the masked all-pairs attention it switches to when the routing covers at least
-  ``1 / _DENSE_FACTOR`` of the regions (one fused SDPA call under an additive mask).
+  ``1 / _DENSE_FACTOR`` of the regions and regions are small (one fused SDPA call under an
+  additive mask).
 * :func:`region_rows_attention` for eager inference: keys and values in region order,
   queries projected per chunk of region rows, output added through a view.
 """
@@ -34,6 +35,9 @@ _CHUNK_ELEMS = 1 << 18
 # costs up to _DENSE_FACTOR times the routed multiply-adds but runs as one fused attention call,
 # which beats gathering many small regions (BiFormer-T stage 3: 16 of 49 regions of 4 tokens).
 _DENSE_FACTOR = 4
+# ... and only for regions of at most this many tokens: the products of larger regions are
+# efficient as they are, and the mask grows with the square of the map.
+_DENSE_MAX_REGION_TOKENS = 16
 
 
 def _masked_dense(q, k, v, region_idx, n, m, scale, key_valid):
@@ -252,7 +256,8 @@ def region_attention(
         ``[B, Hp, Wp, dim]``: for every token, the softmax-weighted values over the tokens of
         its region's routed regions (zeros for a token without a valid key).
     """
-    if use_dense(region_idx.shape[-1], n_win):
+    tokens = (q.shape[1] // n_win) * (q.shape[2] // n_win)
+    if use_dense(region_idx.shape[-1], n_win, tokens):
         return _masked_dense(q, k, v, region_idx, n_win, num_heads, scale, key_valid)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _RegionAttention.apply(q, k, v, region_idx, key_valid, n_win, num_heads, scale)
@@ -260,9 +265,9 @@ def region_attention(
     return _forward(lay, q, k, v, region_idx, key_valid, scale, with_lse=False)[0]
 
 
-def use_dense(topk: int, n_win: int) -> bool:
+def use_dense(topk: int, n_win: int, region_tokens: int) -> bool:
     """Whether :func:`region_attention` runs the masked all-pairs attention."""
-    return topk * _DENSE_FACTOR >= n_win * n_win
+    return topk * _DENSE_FACTOR >= n_win * n_win and region_tokens <= _DENSE_MAX_REGION_TOKENS
 
 
 def region_rows_attention(

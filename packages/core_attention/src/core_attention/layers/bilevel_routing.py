@@ -695,7 +695,7 @@ class BiLevelRoutingAttention(nn.Module):
         """Whether :meth:`_lean_forward` serves this size: divisible by ``n_win``, routed
         (not masked dense) attention, and a LePE halo within one neighbouring region row."""
         n = self.n_win
-        if h_in % n or w_in % n or use_dense(self.topk, n):
+        if h_in % n or w_in % n or use_dense(self.topk, n, (h_in // n) * (w_in // n)):
             return False
         return self.lepe is None or self.lepe.padding[0] <= h_in // n
 

@@ -11,7 +11,12 @@ import torch
 from attn_speech.audio import AudioError
 from attn_speech.outputs import OutputExistsError, check_writable
 
-DEFAULT_MODEL = "runs/enhance/final"
+BUILTIN = "builtin"
+
+
+def builtin_model_path() -> Path:
+    """The small model shipped with attn-speech (``apps/speech/recipes/enhance_espeak.sh``)."""
+    return Path(__file__).resolve().parent / "pretrained" / "espeak-c24"
 
 
 def _inputs(paths: list[str], out: Path) -> list[tuple[Path, Path]]:
@@ -36,10 +41,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (Path(args.model) / "config.json").is_file():
-        print(f"error: {args.model}: no model folder (config.json missing)", file=sys.stderr)
+    path = builtin_model_path() if args.model == BUILTIN else Path(args.model)
+    if not (path / "config.json").is_file():
+        if args.model == BUILTIN:
+            print("error: this install ships no built-in model; pass --model", file=sys.stderr)
+        else:
+            print(f"error: {args.model}: no model folder (config.json missing)", file=sys.stderr)
         return 2
-    model = MambAttention.from_pretrained(args.model).eval().to(args.device)
+    model = MambAttention.from_pretrained(path).eval().to(args.device)
     jobs = _inputs(args.inputs, Path(args.output))
     if not jobs:
         print("error: no audio files in the inputs", file=sys.stderr)
@@ -135,7 +144,9 @@ def register(cli) -> None:
     s.add_argument("inputs", nargs="+", help="audio files or folders")
     s.add_argument("-o", "--output", default="enhanced", help="output folder (default: enhanced)")
     s.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model folder (default: {DEFAULT_MODEL})"
+        "--model",
+        default=BUILTIN,
+        help="model folder (default: the shipped espeak-ng model, trained on synthetic speech)",
     )
     s.add_argument(
         "--chunk-seconds", type=float, default=4.0, help="chunk length of long files (default: 4)"

@@ -612,30 +612,36 @@ class BiLevelRoutingAttention(nn.Module):
 
     def _lean_forward(self, x: Tensor) -> Tensor:
         """Eager inference on sizes divisible by ``n_win``: the arithmetic of :meth:`forward`
-        in less memory and time. One pass over bands of region rows projects q, k, v, takes
-        the routing means and stores keys and values in region order (queries are dropped
-        and projected again per chunk by :func:`region_rows_attention`); LePE runs band by
-        band into the output buffer, which the attention then adds to."""
+        in less memory and time. One pass over bands of region rows projects k and v, takes
+        the routing means and stores keys and values in region order; queries are projected
+        only per chunk by :func:`region_rows_attention`. The projection is affine, so the
+        query and key region means are the projection of the input's region means. LePE runs band
+        by band into the output buffer, which the attention then adds to."""
         b, hgt, wid, _ = x.shape
         n, qk, m, lin = self.n_win, self.qk_dim, self.num_heads, self.qkv.qkv
         hh, ww = hgt // n, wid // n
         tokens = hh * ww
+        qk_weight, kv_weight = lin.weight[:qk], lin.weight[qk:]
+        qk_bias = None if lin.bias is None else lin.bias[:qk]
+        kv_bias = None if lin.bias is None else lin.bias[qk:]
         k_reg = x.new_empty(b, n, n, m, tokens, qk // m)
         v_reg = x.new_empty(b, n, n, m, tokens, self.dim // m)
-        q_win, k_win = [], []
+        x_win = []
         for i, band in enumerate(x.split(hh, dim=1)):
-            q, k, v = lin(band).split([qk, qk, self.dim], dim=-1)  # [B, hh, W, *] each
-            q_win.append(_region_mean(q, 1, n))
-            k_win.append(_region_mean(k, 1, n))
+            k, v = F.linear(band, kv_weight, kv_bias).split([qk, self.dim], dim=-1)
+            x_win.append(_region_mean(band, 1, n))
             for src, dst in ((k, k_reg), (v, v_reg)):
                 # [B, hh, n, ww, M, d] -> [B, n, M, hh, ww, d]
                 src = src.unflatten(-1, (m, -1)).unflatten(2, (n, ww)).permute(0, 2, 4, 1, 3, 5)
                 dst[:, i].view(src.shape).copy_(src)
-            del q, k, v
-        _, r_idx = self.router(torch.cat(q_win, 1), torch.cat(k_win, 1))
+            del k, v
+        q_win, k_win = F.linear(
+            torch.cat(x_win, 1),
+            lin.weight[: 2 * qk],
+            (None if lin.bias is None else lin.bias[: 2 * qk]),
+        ).chunk(2, dim=-1)
+        _, r_idx = self.router(q_win, k_win)
         out = self._lepe_bands(v_reg, x)
-        qk_weight = lin.weight[:qk]
-        qk_bias = None if lin.bias is None else lin.bias[:qk]
         out = region_rows_attention(
             x,
             qk_weight,

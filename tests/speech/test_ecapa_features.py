@@ -9,7 +9,6 @@ from speechbrain.lobes.features import Fbank as SBFbank
 from speechbrain.processing.features import InputNormalization
 
 from attn_speech.ecapa.config import EcapaConfig
-from attn_speech.ecapa.fast import FastEcapa
 from attn_speech.ecapa.features import Fbank
 from attn_speech.ecapa.inference import Embedder, pad_batch
 from attn_speech.ecapa.lengths import frames_from_relative, relative_from_frames
@@ -69,26 +68,6 @@ def test_embedding_does_not_depend_on_batch_mates():
         for i, w in enumerate(wavs):
             alone = model(*fbank(w[None]))[0, 0]
             torch.testing.assert_close(together[i], alone, atol=2e-5, rtol=1e-5)
-
-
-def test_fast_inference_model_equals_reference():
-    cfg = EcapaConfig(channels=(64, 64, 64, 64, 192), attention_channels=16, se_channels=16)
-    model = EcapaTDNN(cfg).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    fast = FastEcapa(model)
-    wavs = [torch.randn(n) * 0.1 for n in (8000, 30011, 15555)]
-    feats, lengths = Fbank()(*pad_batch(wavs))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            fast(feats, lengths), model(feats, lengths), atol=2e-5, rtol=1e-5
-        )
-        torch.testing.assert_close(fast(feats[1:2]), model(feats[1:2]), atol=2e-5, rtol=1e-5)
 
 
 def test_bfloat16_embeddings_stay_close(tiny_model):

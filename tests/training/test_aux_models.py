@@ -31,7 +31,7 @@ def _run(train, tiny, name, *args):
 
 
 def test_both_networks_train_and_are_checkpointed(train, tiny, tmp_path):
-    result, trainer, critic, start = _run(train, tiny, "run", "--max-steps", "6")
+    result, _trainer, critic, start = _run(train, tiny, "run", "--max-steps", "6")
     assert any(not torch.equal(start[k], v) for k, v in critic.state_dict().items())
     content = load_checkpoint(result.last_checkpoint)
     assert set(content.aux) == {"critic"}

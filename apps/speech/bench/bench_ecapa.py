@@ -57,6 +57,12 @@ def main() -> None:
     p.add_argument("--files", type=int, default=12, help="utterances per pass (default: 12)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per system (default: 5)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the reference network under torch.compile (inductor with weight "
+        "freezing, dynamic lengths); its first call compiles for tens of seconds",
+    )
+    p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -95,6 +101,19 @@ def main() -> None:
         "SpeechBrain, length-sorted batches of 4": batched(sb_embed),
         "attn-speech fast, length-sorted batches of 4": batched(fast.embed_waveforms),
     }
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        compiled = Embedder(ours, batch_size=1, fast=False)
+        compiled.net = torch.compile(compiled.net, dynamic=True)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            compiled.embed_waveforms(wavs[:1])
+        print(f"torch.compile: first call {time.perf_counter() - start:.1f} s")
+        systems["attn-speech reference + torch.compile, one file at a time"] = per_file(
+            compiled.embed_waveforms
+        )
     with torch.inference_mode():
         diff = max(
             float((sb_embed([w])[0] - fast.embed_waveforms([w])[0]).abs().max()) for w in wavs[:3]

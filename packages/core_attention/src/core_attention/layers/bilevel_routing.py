@@ -615,14 +615,15 @@ class BiLevelRoutingAttention(nn.Module):
         in less memory and time. One pass over bands of region rows projects k and v, takes
         the routing means and stores keys and values in region order; queries are projected
         only per chunk by :func:`region_rows_attention`. The projection is affine, so the
-        query and key region means are the projection of the input's region means. LePE runs band
-        by band into the output buffer, which the attention then adds to."""
+        query and key region means used for routing are the projection of the input's region
+        means. LePE runs band by band into the output buffer, which the attention then adds
+        to."""
         b, hgt, wid, _ = x.shape
         n, qk, m, lin = self.n_win, self.qk_dim, self.num_heads, self.qkv.qkv
         hh, ww = hgt // n, wid // n
         tokens = hh * ww
-        qk_weight, kv_weight = lin.weight[:qk], lin.weight[qk:]
-        qk_bias = None if lin.bias is None else lin.bias[:qk]
+        q_weight, kv_weight = lin.weight[:qk], lin.weight[qk:]
+        q_bias = None if lin.bias is None else lin.bias[:qk]
         kv_bias = None if lin.bias is None else lin.bias[qk:]
         k_reg = x.new_empty(b, n, n, m, tokens, qk // m)
         v_reg = x.new_empty(b, n, n, m, tokens, self.dim // m)
@@ -635,17 +636,14 @@ class BiLevelRoutingAttention(nn.Module):
                 src = src.unflatten(-1, (m, -1)).unflatten(2, (n, ww)).permute(0, 2, 4, 1, 3, 5)
                 dst[:, i].view(src.shape).copy_(src)
             del k, v
-        q_win, k_win = F.linear(
-            torch.cat(x_win, 1),
-            lin.weight[: 2 * qk],
-            (None if lin.bias is None else lin.bias[: 2 * qk]),
-        ).chunk(2, dim=-1)
+        qk_bias = None if lin.bias is None else lin.bias[: 2 * qk]
+        q_win, k_win = F.linear(torch.cat(x_win, 1), lin.weight[: 2 * qk], qk_bias).chunk(2, -1)
         _, r_idx = self.router(q_win, k_win)
         out = self._lepe_bands(v_reg, x)
         out = region_rows_attention(
             x,
-            qk_weight,
-            qk_bias,
+            q_weight,
+            q_bias,
             k_reg.view(b * n * n, m, tokens, -1),
             v_reg.view(b * n * n, m, tokens, -1),
             r_idx,

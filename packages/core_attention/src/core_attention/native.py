@@ -1,0 +1,253 @@
+"""C++ CPU kernels compiled on first use and loaded with :mod:`ctypes`.
+
+A :class:`NativeLibrary` holds one C++ source. Its first use compiles it (under a second or
+two) with the system's C++ compiler into the user's cache folder
+(``$XDG_CACHE_HOME/core-attention``, else ``~/.cache/core-attention``), under a name keyed
+by the source and the flags, and loads it; :meth:`NativeLibrary.available` is False where
+there is no compiler or the build fails, and callers then take their PyTorch path.
+
+Sources start with :data:`PRELUDE`: 16-lane vector types (one AVX-512 register of float32),
+Cephes' single-precision ``exp``/``log1p`` polynomials (about 1 ulp) written without
+library calls so that they vectorise, float64 lane-by-lane library versions (the tests'
+reference precision), loads and stores of partial blocks, and ``parallel``: work items
+shared by OpenMP threads of the runtime PyTorch already runs (built with ``-fopenmp``, the
+library uses the ``libgomp`` PyTorch has loaded), so kernels and PyTorch never compete for
+cores.
+
+Every exported function has the signature ``void f(const Args*, int64_t items, int64_t
+threads)``: a ``ctypes.Structure`` of sizes, pointers and strides, the number of work items
+and the threads to share them. :meth:`NativeLibrary.run` calls one on
+``torch.get_num_threads()`` threads (one for small work) under a profiler label.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["BLOCK", "PRELUDE", "NativeLibrary", "addr", "cache_dir", "compile_flags"]
+
+BLOCK = 16  # lanes of the vector types: one 512-bit register of float32
+
+PRELUDE = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int BLOCK = 16;
+
+typedef float vf __attribute__((vector_size(BLOCK * sizeof(float))));
+typedef double vd __attribute__((vector_size(BLOCK * sizeof(double))));
+typedef int32_t vi __attribute__((vector_size(BLOCK * sizeof(int32_t))));
+
+// exp clamps its argument to [-87, 88]; 1.5 * 2^23 rounds to the nearest integer.
+inline vf vexp(vf x) {
+    const vf lo = vf{} - 87.0f, hi = vf{} + 88.0f;
+    x = x < lo ? lo : (x > hi ? hi : x);
+    vf fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vf r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    vf p = vf{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi bits = (__builtin_convertvector(fx, vi) + 127) << 23;
+    return p * (vf)bits;
+}
+
+// log1p(v) for v >= 0 as log(w) * v / (w - 1), w = 1 + v (exact where w rounds to 1).
+inline vf vlog1p(vf v) {
+    const vf w = v + 1.0f;
+    vi bits = (vi)w;
+    vf e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vf);
+    vf m = (vf)((bits & 0x007fffff) | 0x3f000000);  // w = m 2^e, m in [0.5, 1)
+    const auto small = m < 0.707106781186547524f;
+    e = small ? e - 1.0f : e;
+    vf x = small ? m + m - 1.0f : m - 1.0f;
+    vf z = x * x;
+    vf y = vf{} + 7.0376836292e-2f;
+    y = y * x - 1.1514610310e-1f;
+    y = y * x + 1.1676998740e-1f;
+    y = y * x - 1.2420140846e-1f;
+    y = y * x + 1.4249322787e-1f;
+    y = y * x - 1.6668057665e-1f;
+    y = y * x + 2.0000714765e-1f;
+    y = y * x - 2.4999993993e-1f;
+    y = y * x + 3.3333331174e-1f;
+    y = y * x * z - e * 2.12194440e-4f - 0.5f * z;
+    const vf lg = x + y + e * 0.693359375f;
+    const vf den = w - 1.0f;
+    return den == 0.0f ? v : lg * (v / (den == 0.0f ? 1.0f : den));
+}
+
+inline vd vexp(vd x) {
+    for (int k = 0; k < BLOCK; ++k) x[k] = std::exp(x[k]);
+    return x;
+}
+
+inline vd vlog1p(vd x) {
+    for (int k = 0; k < BLOCK; ++k) x[k] = std::log1p(x[k]);
+    return x;
+}
+
+// Loads and stores of the w <= 16 lanes of a block, one vector move when w = 16.
+template <typename V, typename T>
+inline V load(const T* p, int64_t w) {
+    V v = {};
+    if (w == BLOCK) {
+        std::memcpy(&v, p, sizeof(V));
+    } else {
+        for (int64_t k = 0; k < w; ++k) v[k] = p[k];
+    }
+    return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, V v, int64_t w) {
+    if (w == BLOCK) {
+        std::memcpy(p, &v, sizeof(V));
+    } else {
+        for (int64_t k = 0; k < w; ++k) p[k] = v[k];
+    }
+}
+
+template <typename V>
+inline float hmax(V v) {
+    float m = v[0];
+    for (int k = 1; k < BLOCK; ++k) m = v[k] > m ? v[k] : m;
+    return m;
+}
+
+template <typename V>
+inline auto hsum(V v) {
+    auto s = v[0];
+    for (int k = 1; k < BLOCK; ++k) s += v[k];
+    return s;
+}
+
+// Items handed out a few at a time, so that a thread the OS deschedules (a loaded machine)
+// does not keep the others spinning at the end of the loop.
+template <typename Args, typename Fn>
+void parallel(const Args* a, int64_t items, int64_t threads, Fn fn) {
+    if (threads <= 1) {
+        fn(*a, 0, items);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t i = 0; i < items; i += 4) fn(*a, i, i + 4 < items ? i + 4 : items);
+}
+
+}  // namespace
+"""
+
+_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
+# Instruction sets from what ATen dispatches to on this CPU, not -march=native: the cache
+# folder may be shared by machines of different CPU generations.
+_ISA_FLAGS = {
+    "AVX512": [
+        *("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"),
+        "-mprefer-vector-width=512",
+    ],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def compile_flags() -> list[str]:
+    """Compiler flags: optimisation, OpenMP, and the instruction sets ATen uses here."""
+    return _FLAGS + _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "core-attention"
+
+
+def _compile(source: str, path: Path) -> None:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src = Path(tmp) / f"{path.stem}.cpp"
+        src.write_text(source)
+        out = Path(tmp) / path.name
+        cmd = [cxx, *compile_flags(), "-fPIC", "-shared", "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()}")
+        os.replace(out, path)  # atomic: concurrent processes never load a partial file
+
+
+class NativeLibrary:
+    """One C++ source (:data:`PRELUDE` is prepended), compiled and loaded on first use.
+
+    Args:
+        name: file name stem of the compiled library.
+        source: C++ code defining ``extern "C"`` functions.
+        functions: exported function name -> its ``ctypes.Structure`` argument type.
+    """
+
+    def __init__(self, name: str, source: str, functions: dict[str, type]) -> None:
+        self.name = name
+        self.source = PRELUDE + source
+        self.functions = dict(functions)
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._error: str | None = None
+        self._loaded = False
+
+    def _load(self) -> ctypes.CDLL | None:
+        with self._lock:
+            if not self._loaded:
+                key = hashlib.sha256((self.source + " ".join(compile_flags())).encode())
+                path = cache_dir() / f"{self.name}_{key.hexdigest()[:16]}.so"
+                try:
+                    if not path.exists():
+                        _compile(self.source, path)
+                    lib = ctypes.CDLL(str(path))
+                    for fn_name, struct in self.functions.items():
+                        fn = getattr(lib, fn_name)
+                        fn.restype = None
+                        fn.argtypes = [ctypes.POINTER(struct), ctypes.c_int64, ctypes.c_int64]
+                    self._lib = lib
+                except (OSError, RuntimeError, AttributeError) as exc:
+                    self._error = str(exc)
+                self._loaded = True
+            return self._lib
+
+    def available(self) -> bool:
+        """Whether the library is compiled and loaded (compiles it on the first call)."""
+        return self._load() is not None
+
+    def build_error(self) -> str | None:
+        """Why :meth:`available` is False, if it is."""
+        self._load()
+        return self._error
+
+    def run(self, fn_name: str, args: ctypes.Structure, items: int, work: int) -> None:
+        """Call ``fn_name(&args, items, threads)`` on ``torch.get_num_threads()`` threads,
+        one when ``work`` (a count of inner-loop operations) is too small to share."""
+        lib = self._load()
+        if lib is None:
+            raise RuntimeError(f"the {self.name} kernels are not available: {self._error}")
+        threads = 1 if work < 1 << 16 else max(1, min(torch.get_num_threads(), items))
+        with torch.profiler.record_function(f"{self.name}::{fn_name}"):
+            getattr(lib, fn_name)(ctypes.byref(args), items, threads)
+
+
+def addr(t: torch.Tensor | None) -> int | None:
+    """Data pointer of ``t`` for a ``ctypes`` pointer field (``None`` stays null)."""
+    return None if t is None else t.data_ptr()

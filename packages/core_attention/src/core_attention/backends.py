@@ -1,7 +1,9 @@
 """Backend choice for every attention entry point: ``"auto" | "torch" | "triton"``.
 
 ``auto`` runs a Triton kernel when the inputs are on CUDA (or on CPU with
-``TRITON_INTERPRET=1``) and the kernel supports the case, and the PyTorch path otherwise.
+``TRITON_INTERPRET=1``) and the kernel supports the case, and the PyTorch path otherwise;
+within the PyTorch path, CPU inference with heads of at most 16 channels and no mask but key
+lengths runs the compiled kernel of :mod:`core_attention.cpu_attention`.
 ``triton`` insists on the kernel and raises :class:`BackendUnavailableError` naming what is
 missing. The environment variable ``CORE_ATTENTION_BACKEND`` replaces ``auto`` (an explicit
 ``"torch"`` or ``"triton"`` in code stays as written).

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from core_attention import backends
+from core_attention import backends, cpu_attention
 
 __all__ = ["attention", "triton_unsupported_reason"]
 
@@ -204,4 +204,10 @@ def attention(
         return flash_attn_func(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths)
     if k.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
+    if backends.requested_backend(backend) == "auto" and q.device.type == "cpu":
+        why_not = cpu_attention.unsupported_reason(
+            q, k, v, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p
+        )
+        if why_not is None:
+            return cpu_attention.small_head_attention(q, k, v, scale, key_lengths)
     return _torch_attention(q, k, v, attn_mask, causal, scale, dropout_p, key_lengths)

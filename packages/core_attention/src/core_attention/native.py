@@ -124,8 +124,8 @@ inline void store(T* p, V v, int64_t w) {
 }
 
 template <typename V>
-inline float hmax(V v) {
-    float m = v[0];
+inline auto hmax(V v) {
+    auto m = v[0];
     for (int k = 1; k < BLOCK; ++k) m = v[k] > m ? v[k] : m;
     return m;
 }

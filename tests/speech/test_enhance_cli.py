@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 from attn_speech.cli import main
-from attn_speech.enhance.inference import enhance_waveform
+from attn_speech.enhance.inference import chunk_starts, enhance_waveform
 from attn_speech.enhance.model import MambAttention
 
 TINY = {"channels": 8, "num_blocks": 1, "num_heads": 2, "d_state": 4, "expand": 2}
@@ -74,7 +74,20 @@ def test_long_input_goes_through_bounded_chunks():
     wav = torch.randn(60 * 16000) * 0.1
     out = enhance_waveform(model, wav, chunk_seconds=4.0, overlap_seconds=0.5)
     torch.testing.assert_close(out, 0.5 * wav)
-    assert max(seen) == 4 * 16000 and len(seen) == 17  # ceil((60 - 4) / 3.5) + 1
+    # 17 = ceil((60 - 0.5) / 3.5) equal chunks of ceil((60 + 16 * 0.5) / 17) s
+    assert len(seen) == 17 and set(seen) == {-(-(60 + 16 * 0.5) * 16000 // 17)}
+    assert max(seen) <= 4 * 16000
+
+
+@pytest.mark.parametrize("samples", [16_001, 56_000, 56_001, 160_000, 999_983])
+@pytest.mark.parametrize(("chunk", "overlap"), [(64_000, 8_000), (8_000, 4_000), (5_001, 7)])
+def test_chunk_starts_cover_with_overlap(samples, chunk, overlap):
+    length, starts = chunk_starts(samples, chunk, overlap)
+    assert length <= chunk and starts[0] == 0 and starts[-1] + length == samples
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(length - g >= overlap for g in gaps)  # every neighbour overlaps enough
+    if len(starts) > 1:  # one chunk fewer could not cover the signal with that overlap
+        assert (len(starts) - 1) * (chunk - overlap) + overlap < samples
 
 
 def test_chunk_cross_fade_is_partition_of_unity():

@@ -17,7 +17,7 @@ from attn_speech.audio import AudioError, read_audio
 from attn_speech.enhance.model import MambAttention
 from attn_speech.outputs import write_atomic
 
-__all__ = ["AUDIO_SUFFIXES", "enhance_file", "enhance_waveform"]
+__all__ = ["AUDIO_SUFFIXES", "chunk_starts", "enhance_file", "enhance_waveform"]
 
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aiff", ".aif"})
 
@@ -31,6 +31,22 @@ def _fade_weights(length: int, fade_in: int, fade_out: int) -> torch.Tensor:
     return w
 
 
+def chunk_starts(samples: int, chunk: int, overlap: int) -> tuple[int, list[int]]:
+    """Chunk length and start offsets covering ``samples`` with chunks of at most ``chunk``
+    samples, neighbours overlapping by at least ``overlap``.
+
+    The fewest chunks that can do it are spread evenly and made as short as they can be:
+    every chunk has the same length, so none is a short remainder with little context, and
+    no more audio goes through the network than the overlaps need (attention costs grow
+    with the square of the chunk length).
+    """
+    if samples <= chunk:
+        return samples, [0]
+    count = -(-(samples - overlap) // (chunk - overlap))
+    length = min(chunk, -(-(samples + (count - 1) * overlap) // count))
+    return length, [i * (samples - length) // (count - 1) for i in range(count)]
+
+
 @torch.no_grad()
 def enhance_waveform(
     model: MambAttention,
@@ -40,34 +56,30 @@ def enhance_waveform(
 ) -> torch.Tensor:
     """Enhanced 16 kHz mono ``wav`` ``[samples]`` -> ``[samples]``.
 
-    Chunks of ``chunk_seconds`` overlap by ``overlap_seconds``; each overlap is a linear
-    cross-fade between the two chunks' outputs.
+    Signals longer than ``chunk_seconds`` go through in equal chunks of at most that length
+    (:func:`chunk_starts`) overlapping by at least ``overlap_seconds``; each overlap is a
+    linear cross-fade between the two chunks' outputs.
     """
     if wav.dim() != 1:
         raise ValueError(f"wav must be [samples], got {tuple(wav.shape)}")
     rate = model.sample_rate
     chunk = max(int(chunk_seconds * rate), model.stft.n_fft)
     overlap = min(int(overlap_seconds * rate), chunk // 2)
-    step = chunk - overlap
     n = wav.numel()
     device = next(model.parameters()).device
     if n <= chunk:
         padded = torch.nn.functional.pad(wav, (0, max(0, model.stft.n_fft - n)))
         return model.enhance(padded[None].to(device))[0, :n].cpu()
+    length, starts = chunk_starts(n, chunk, overlap)
     out = torch.zeros(n)
     total = torch.zeros(n)
-    start = 0
-    while True:
-        stop = min(start + chunk, n)
-        if stop - start < chunk:  # a last chunk as long as the others, shifted back
-            start = n - chunk
-        piece = model.enhance(wav[None, start:stop].to(device))[0].cpu()
-        w = _fade_weights(stop - start, overlap if start > 0 else 0, overlap if stop < n else 0)
-        out[start:stop] += w * piece
-        total[start:stop] += w
-        if stop == n:
-            break
-        start += step
+    for i, start in enumerate(starts):
+        piece = model.enhance(wav[None, start : start + length].to(device))[0].cpu()
+        fade_in = starts[i - 1] + length - start if i > 0 else 0
+        fade_out = start + length - starts[i + 1] if i + 1 < len(starts) else 0
+        w = _fade_weights(length, fade_in, fade_out)
+        out[start : start + length] += w * piece
+        total[start : start + length] += w
     return out / total
 
 

@@ -12,7 +12,11 @@ applied):
   ``[B, A]`` vector (``W_x b + W_m mean + W_s std + bias``);
 * the per-channel softmax over time runs directly on the ``[B, T, C]`` scores (its
   normalisation applied to the weighted sums), not as an attention call with one head of
-  size 1 per channel.
+  size 1 per channel;
+* on the CPU in float32/float64 both statistics (the global context's and the pooled
+  output's) come from one pass of the compiled kernel of
+  :mod:`attn_speech.ecapa.pooling_kernel`; elsewhere (no compiler, bfloat16, other
+  devices) from PyTorch operations.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attn_speech.ecapa import pooling_kernel
 from attn_speech.ecapa.time_conv import TimeConv
 from core_attention.layers.attentive_pooling import AttentiveStatisticsPooling
 
@@ -59,20 +64,16 @@ class FastAttentivePooling(nn.Module):
 
     def forward(self, u: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = u.shape
+        kernel = pooling_kernel.supports(u)
         valid = None
-        if frames is not None:
+        if frames is not None and not kernel:
             valid = (torch.arange(t, device=u.device) < frames.to(u.device)[:, None])[..., None]
         if self.global_context:
-            if valid is None:
-                mean_u = u.mean(dim=1)  # var_mean over a non-inner dim is ~10x slower
-                var_u = (u - mean_u[:, None]).square_().mean(dim=1)
+            if kernel:
+                stats = pooling_kernel.mean_std(u, self.a, self.b, self.eps, frames)
             else:
-                w = valid.to(u.dtype) / frames.clamp(min=1).to(u)[:, None, None]
-                mean_u = (u * w).sum(dim=1)
-                var_u = ((u - mean_u[:, None]).square_() * w).sum(dim=1)
-            mean = torch.addcmul(self.b, mean_u, self.a)
-            std = (var_u * self.a2).clamp_(min=self.eps).sqrt_()
-            context = torch.cat([mean, std], dim=1) @ self.w_ctx.T + self.hidden.bias
+                stats = self._mean_std(u, frames, valid)
+            context = stats @ self.w_ctx.T + self.hidden.bias
         else:
             context = self.hidden.bias.expand(b, -1)
         if b == 1:
@@ -82,7 +83,26 @@ class FastAttentivePooling(nn.Module):
             h = h.add_(context[:, None]).relu_()
         h = torch.addcmul(self.hidden_b, h, self.hidden_a).tanh_()
         scores = self.scores(h)
-        if u.dtype != torch.float32:  # bfloat16 networks pool in float32
+        if kernel:
+            return pooling_kernel.attentive_mean_std(scores, u, self.a, self.b, self.eps, frames)
+        return self._attentive_mean_std(scores, u, valid)
+
+    def _mean_std(self, u, frames, valid):
+        """PyTorch path: ``[mean; std]`` of ``x`` over the valid frames, ``[B, 2C]``."""
+        if valid is None:
+            mean_u = u.mean(dim=1)  # var_mean over a non-inner dim is ~10x slower
+            var_u = (u - mean_u[:, None]).square_().mean(dim=1)
+        else:
+            w = valid.to(u.dtype) / frames.clamp(min=1).to(u)[:, None, None]
+            mean_u = (u * w).sum(dim=1)
+            var_u = ((u - mean_u[:, None]).square_() * w).sum(dim=1)
+        mean = torch.addcmul(self.b, mean_u, self.a)
+        std = (var_u * self.a2).clamp_(min=self.eps).sqrt_()
+        return torch.cat([mean, std], dim=1)
+
+    def _attentive_mean_std(self, scores, u, valid):
+        """PyTorch path: softmax-weighted ``[mean; std]`` of ``x``, ``[B, 2C]``."""
+        if u.dtype not in (torch.float32, torch.float64):  # bfloat16 networks pool in float32
             scores, u = scores.float(), u.float()
         if valid is not None:
             scores = scores.masked_fill_(~valid, float("-inf"))
@@ -92,6 +112,6 @@ class FastAttentivePooling(nn.Module):
         total = e.sum(dim=1)
         mean_u = (e * u).sum(dim=1).div_(total)
         var_u = (u - mean_u[:, None]).square_().mul_(e).sum(dim=1).div_(total)
-        mean = torch.addcmul(self.b.float(), mean_u, self.a.float())
-        std = (var_u * self.a2.float()).clamp_(min=self.eps).sqrt_()
+        mean = torch.addcmul(self.b.to(u.dtype), mean_u, self.a.to(u.dtype))
+        std = (var_u * self.a2.to(u.dtype)).clamp_(min=self.eps).sqrt_()
         return torch.cat([mean, std], dim=1)

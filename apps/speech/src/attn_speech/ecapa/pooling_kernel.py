@@ -1,0 +1,297 @@
+"""Compiled CPU kernel for the statistics of attentive statistics pooling (Okabe et al. 2018,
+"Attentive Statistics Pooling for Deep Speaker Embedding"; ECAPA-TDNN's channel-dependent
+attention with global context, Desplanques et al. 2020), for
+:class:`~attn_speech.ecapa.fast_pooling.FastAttentivePooling`.
+
+Both statistics the pooling needs are per-channel weighted means and standard deviations
+over the valid frames of ``u`` ``[B, T, C]``, reported for ``x = a u + b``:
+
+* :func:`mean_std`: uniform weights (the global context, ``[mean; std]`` of ``x``);
+* :func:`attentive_mean_std`: weights ``softmax_t(scores)`` per channel (the pooled
+  output), from the scores ``[B, T, C]`` as they come out of the scoring convolution.
+
+One pass over the inputs replaces PyTorch's chain of full-size temporaries (max, subtract,
+exp, products, sums): a work item is a block of 16 channels of one batch row, vectorised
+over channels (unit stride along ``C``), walking time in chunks of 32 frames that stay in
+L1. ``u`` is shifted by the block's first frame and each chunk by its own references (its
+largest score, its weighted mean), so there is no cancellation; chunks are merged with the
+pairwise update of Chan, Golub & LeVeque (1979), the softmax weights rescaled whenever the
+running maximum grows (the online softmax of Milakov & Gimelshein 2018). Chunks accumulate
+in the input's precision, their merge in float64. Float32 uses a polynomial ``exp`` (about
+1 ulp), float64 the C library.
+
+The C++ source is compiled on first use by :class:`core_attention.native.NativeLibrary`;
+:func:`available` is False where there is no compiler or the build fails, and callers then
+use their PyTorch code. Inference only: no gradients.
+
+Shapes: ``u``, ``scores`` ``[B, T, C]`` (unit stride along ``C``); ``a``, ``b`` ``[C]``;
+``frames`` ``[B]`` valid frames (``None``: all ``T``); results ``[B, 2C]`` (means, then
+standard deviations ``sqrt(max(a^2 var, eps))``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from core_attention.native import BLOCK, NativeLibrary, addr
+
+__all__ = ["attentive_mean_std", "available", "build_error", "mean_std", "supports"]
+
+_SOURCE = r"""
+extern "C" {
+
+// Weighted statistics over the first frames[i] (all T when frames is null) rows of u
+// [B, T, C] (unit stride along C): weights softmax over time of scores [B, T, C] per
+// channel, or uniform when scores is null. out [B, 2C] = [a m + b, sqrt(max(a^2 v, eps))]
+// with m, v the weighted mean and variance of u.
+struct StatsArgs {
+    int64_t T, C;
+    const void* u; int64_t us, ut;
+    const void* scores; int64_t ss, st;
+    const int64_t* frames;
+    const void* a; const void* b;
+    double eps;
+    void* out;
+};
+
+}
+
+namespace {
+
+constexpr int64_t CHUNK = 32;
+
+template <typename V>
+inline V vmax(V x, V y) { return x > y ? x : y; }
+
+inline vd widen(vf x) { return __builtin_convertvector(x, vd); }
+inline vd widen(vd x) { return x; }
+
+// Sum of f(r) over r < rows in four independent chains (one chain waits on the add latency).
+template <typename V, typename F>
+inline V sum_rows(int64_t rows, F f) {
+    V acc[4] = {};
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+        for (int q = 0; q < 4; ++q) acc[q] += f(r + q);
+    for (; r < rows; ++r) acc[0] += f(r);
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// Running statistics of one block of channels; add() folds in one chunk of rows.
+template <typename T, typename V, bool SOFTMAX>
+struct Block {
+    // total weight, mean - ref, weighted squared deviations; largest score so far; ref: the
+    // block's first frame, so that chunk means are small numbers (no rounding of a large
+    // common offset into the spread between chunks)
+    vd weight = {}, mean = {}, m2 = {};
+    V top = {}, ref = {};
+
+    // FULL: all 16 lanes (w = BLOCK known to the compiler: plain vector loads)
+    template <bool FULL>
+    void add(const T* u, int64_t ut, const T* s, int64_t st, int64_t rows, int64_t width,
+             bool first) {
+        const int64_t w = FULL ? BLOCK : width;
+        if (first) ref = load<V>(u, w);
+        const auto x = [&](int64_t r) { return load<V>(u + r * ut, w) - ref; };
+        V e[CHUNK];
+        V wc, sum, peak = {};
+        if (SOFTMAX) {
+            peak = load<V>(s, w);
+            for (int64_t r = 1; r < rows; ++r) peak = vmax(peak, load<V>(s + r * st, w));
+            for (int64_t r = 0; r < rows; ++r) e[r] = vexp(load<V>(s + r * st, w) - peak);
+            wc = sum_rows<V>(rows, [&](int64_t r) { return e[r]; });
+            sum = sum_rows<V>(rows, [&](int64_t r) { return e[r] * x(r); });
+        } else {
+            wc = V{} + (T)rows;
+            sum = sum_rows<V>(rows, x);
+        }
+        const V mc = sum / wc;
+        const V dev = sum_rows<V>(rows, [&](int64_t r) {
+            const V d = x(r) - mc;
+            return SOFTMAX ? e[r] * d * d : d * d;
+        });
+        vd wnew = widen(wc), mnew = widen(mc), m2new = widen(dev);
+        if (first) {
+            weight = wnew, mean = mnew, m2 = m2new, top = peak;
+            return;
+        }
+        if (SOFTMAX) {  // both sides relative to the larger maximum
+            const V hi = vmax(top, peak);
+            const vd keep = widen(vexp(top - hi)), scale = widen(vexp(peak - hi));
+            weight *= keep, m2 *= keep, wnew *= scale, m2new *= scale;
+            top = hi;
+        }
+        const vd total = weight + wnew, delta = mnew - mean;
+        mean += delta * (wnew / total);
+        m2 += m2new + delta * delta * (weight * wnew / total);
+        weight = total;
+    }
+};
+
+// Items (blocks of 16 channels of one batch row) are taken GROUP adjacent blocks at a time,
+// chunk by chunk, so that each row is read 256 contiguous bytes at a time, not 64.
+constexpr int64_t GROUP = 4;
+
+template <typename T, typename V, bool SOFTMAX>
+void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
+    const int64_t C = a.C, blocks = (C + BLOCK - 1) / BLOCK;
+    Block<T, V, SOFTMAX> stats[GROUP];
+    for (int64_t g0 = item0; g0 < item1;) {
+        const int64_t i = g0 / blocks, first = g0 % blocks;
+        int64_t g1 = g0 + GROUP < item1 ? g0 + GROUP : item1;
+        g1 = g1 < (i + 1) * blocks ? g1 : (i + 1) * blocks;
+        const int64_t n = a.frames ? a.frames[i] : a.T;
+        const T* u = (const T*)a.u + i * a.us;
+        const T* s = SOFTMAX ? (const T*)a.scores + i * a.ss : nullptr;
+        for (int64_t t0 = 0; t0 < n; t0 += CHUNK) {
+            const int64_t rows = n - t0 < CHUNK ? n - t0 : CHUNK;
+            for (int64_t j = 0; j < g1 - g0; ++j) {
+                const int64_t c0 = (first + j) * BLOCK, w = C - c0 < BLOCK ? C - c0 : BLOCK;
+                const T* uc = u + t0 * a.ut + c0;
+                const T* sc = SOFTMAX ? s + t0 * a.st + c0 : nullptr;
+                if (w == BLOCK)
+                    stats[j].template add<true>(uc, a.ut, sc, a.st, rows, w, t0 == 0);
+                else
+                    stats[j].template add<false>(uc, a.ut, sc, a.st, rows, w, t0 == 0);
+            }
+        }
+        for (int64_t j = 0; j < g1 - g0; ++j) {
+            const int64_t c0 = (first + j) * BLOCK, w = C - c0 < BLOCK ? C - c0 : BLOCK;
+            const T* sa = (const T*)a.a + c0;
+            const T* sb = (const T*)a.b + c0;
+            T* out = (T*)a.out + i * 2 * C + c0;
+            for (int64_t k = 0; k < w; ++k) {
+                const double var = stats[j].m2[k] / stats[j].weight[k], g = sa[k];
+                const double v = g * g * var;
+                out[k] = (T)(g * (stats[j].ref[k] + stats[j].mean[k]) + sb[k]);
+                out[C + k] = (T)std::sqrt(v > a.eps ? v : a.eps);
+            }
+        }
+        g0 = g1;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+void mean_std_f32(const StatsArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, stats_items<float, vf, false>);
+}
+void mean_std_f64(const StatsArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, stats_items<double, vd, false>);
+}
+void attentive_f32(const StatsArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, stats_items<float, vf, true>);
+}
+void attentive_f64(const StatsArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, stats_items<double, vd, true>);
+}
+}
+"""
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class _StatsArgs(ctypes.Structure):
+    _fields_ = [
+        ("T", _i64), ("C", _i64),
+        ("u", _ptr), ("us", _i64), ("ut", _i64),
+        ("scores", _ptr), ("ss", _i64), ("st", _i64),
+        ("frames", _ptr),
+        ("a", _ptr), ("b", _ptr),
+        ("eps", ctypes.c_double),
+        ("out", _ptr),
+    ]  # fmt: skip
+
+
+_LIBRARY = NativeLibrary(
+    "attentive_pooling",
+    _SOURCE,
+    dict.fromkeys(("mean_std_f32", "mean_std_f64", "attentive_f32", "attentive_f64"), _StatsArgs),
+)
+
+
+def available() -> bool:
+    """Whether the kernel is compiled and loaded (compiles it on the first call)."""
+    return _LIBRARY.available()
+
+
+def build_error() -> str | None:
+    """Why :func:`available` is False, if it is."""
+    return _LIBRARY.build_error()
+
+
+def supports(u: torch.Tensor) -> bool:
+    """Whether the kernel takes tensors like ``u`` (float32 or float64 on the CPU)."""
+    return u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64) and available()
+
+
+def _unit_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _statistics(
+    name: str,
+    u: torch.Tensor,
+    scores: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    frames: torch.Tensor | None,
+) -> torch.Tensor:
+    if not available():
+        raise RuntimeError(f"the attentive pooling kernel is not available: {build_error()}")
+    dtype = u.dtype
+    batch, t, c = u.shape
+    if t < 1:
+        raise ValueError("statistics over zero frames")
+    u = _unit_last(u, dtype)
+    if scores is not None:
+        if scores.shape != u.shape:
+            raise ValueError(f"scores {tuple(scores.shape)} and u {tuple(u.shape)} differ")
+        scores = _unit_last(scores, dtype)
+    if frames is not None:
+        frames = frames.to(torch.int64).clamp(1, t).contiguous()
+    a, b = (v.to(dtype).contiguous() for v in (a, b))
+    out = torch.empty(batch, 2 * c, dtype=dtype)
+    args = _StatsArgs(
+        t, c,
+        addr(u), u.stride(0), u.stride(1),
+        addr(scores), *(scores.stride()[:2] if scores is not None else (0, 0)),
+        addr(frames),
+        addr(a), addr(b),
+        float(eps),
+        addr(out),
+    )  # fmt: skip
+    fn = f"{name}_{'f32' if dtype == torch.float32 else 'f64'}"
+    _LIBRARY.run(fn, args, batch * -(-c // BLOCK), batch * t * c)
+    return out
+
+
+def mean_std(
+    u: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    frames: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[mean; sqrt(max(var, eps))]`` over time of ``x = a u + b`` per channel, each batch
+    row over its first ``frames`` frames: ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
+    return _statistics("mean_std", u, None, a, b, eps, frames)
+
+
+def attentive_mean_std(
+    scores: torch.Tensor,
+    u: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    frames: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean and standard deviation of ``x = a u + b`` per channel, weighted over time by
+    ``softmax_t(scores)`` (each batch row over its first ``frames`` frames):
+    ``scores``, ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
+    return _statistics("attentive", u, scores, a, b, eps, frames)

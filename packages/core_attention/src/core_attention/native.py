@@ -41,6 +41,9 @@ PRELUDE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -50,11 +53,19 @@ typedef float vf __attribute__((vector_size(BLOCK * sizeof(float))));
 typedef double vd __attribute__((vector_size(BLOCK * sizeof(double))));
 typedef int32_t vi __attribute__((vector_size(BLOCK * sizeof(int32_t))));
 
-// exp clamps its argument to [-87, 88]; 1.5 * 2^23 rounds to the nearest integer.
+// exp clamps its argument to [-87, 88] and rounds x log2(e) to the nearest integer n;
+// exp(x) = 2^n exp(x - n ln 2), the latter a polynomial. With AVX-512, roundscale and scalef
+// (p 2^n) replace the magic-number rounding and the exponent-bit construction.
 inline vf vexp(vf x) {
     const vf lo = vf{} - 87.0f, hi = vf{} + 88.0f;
     x = x < lo ? lo : (x > hi ? hi : x);
-    vf fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+#if defined(__AVX512F__)
+    const __m512 n = _mm512_roundscale_ps(
+        (__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf fx = (vf)n;
+#else
+    const vf fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+#endif
     vf r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
     vf p = vf{} + 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -63,8 +74,12 @@ inline vf vexp(vf x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+    return (vf)_mm512_scalef_ps((__m512)p, n);
+#else
     vi bits = (__builtin_convertvector(fx, vi) + 127) << 23;
     return p * (vf)bits;
+#endif
 }
 
 // log1p(v) for v >= 0 as log(w) * v / (w - 1), w = 1 + v (exact where w rounds to 1).

@@ -12,8 +12,9 @@ activations:
   = (W a) u + (W b + c)`` for convolutions and the squeeze-excitation's mean, and ``a * u``
   into the additions that must stay explicit;
 * each Res2Net group is written straight into the padded buffer its dilated convolution
-  reads (only the reflected edge rows are copied), and the groups' outputs into the buffer
-  the next TDNN reads, so no concatenation or padding copies;
+  reads (only the reflected edge rows are copied), and the groups' outputs over the columns
+  of the first TDNN's output they were computed from, which is then the concatenation the
+  next TDNN reads, so no concatenation or padding copies;
 * attentive statistics pooling reads the aggregation's output with its BatchNorm still
   pending and runs the per-channel softmax directly
   (:mod:`attn_speech.ecapa.fast_pooling`); the final BatchNorm is folded into the embedding
@@ -105,8 +106,6 @@ class _FastBlock(nn.Module):
         u1 = self.tdnn1(x)
         b, t, _ = u1.shape
         w = self.width
-        cat = torch.empty_like(u1)
-        cat[..., :w] = u1[..., :w]
         y = None
         p = self.groups[0].pad
         buf = u1.new_empty(b, t + 2 * p, w)  # each group's padded input, in turn
@@ -122,8 +121,10 @@ class _FastBlock(nn.Module):
             else:
                 pad_time(inner, p, frames, out=buf)
             a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
-            y = torch.addcmul(c, conv(buf), a, out=cat[..., cols])
-        u2 = self.tdnn2(cat)
+            # group i's output replaces the columns it was computed from: u1 becomes the
+            # Res2Net concatenation (its first group passes through unchanged)
+            y = torch.addcmul(c, conv(buf), a, out=u1[..., cols])
+        u2 = self.tdnn2(u1)
         if mask is None:
             m = u2.mean(dim=1)
         else:

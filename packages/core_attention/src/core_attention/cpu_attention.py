@@ -6,7 +6,8 @@ heads, Kühne et al. 2025) each score costs more in call and packing overhead th
 arithmetic, and the ``exp`` of the softmax dominates. This kernel walks one query row at a
 time against keys held transposed in 16-key vectors (one AVX-512 register of float32): the
 row's scores ``q k^T * scale`` go to an L1-resident buffer with their running maximum, then
-one pass computes ``exp(s - max)`` (a polynomial, :data:`core_attention.native.PRELUDE`),
+one pass computes ``exp(s - max)`` (as ``2^(s log2 e - max)``, a polynomial of
+:data:`core_attention.native.PRELUDE`, the ``log2 e`` folded into the query scale),
 its sum and ``sum_j p_j v_j``. Work items are ``(batch, head, block of query rows)``, shared
 by PyTorch's OpenMP threads; each item transposes its keys and values once.
 
@@ -64,6 +65,8 @@ void attn_items(const AttnArgs& a, int64_t item0, int64_t item1) {
     T* op = (T*)a.out;
     std::vector<V> kt(kblocks * D), vt(kblocks * Dv), sc(kblocks);
     const T neg_inf = -std::numeric_limits<T>::infinity();
+    // scores in base-2 units: softmax(s) = 2^(s log2 e - max) / sum
+    const T q_scale = (T)(a.scale * 1.4426950408889634);
     int64_t loaded = -1;  // b * Hkv + kv head whose keys and values are in kt, vt
     for (int64_t item = item0; item < item1; ++item) {
         const int64_t bh = item / row_blocks, r0 = (item % row_blocks) * a.rows;
@@ -95,7 +98,7 @@ void attn_items(const AttnArgs& a, int64_t item0, int64_t item1) {
         for (int64_t i = r0; i < r1; ++i) {
             const T* qr = qp + b * a.qb + h * a.qh + i * a.qt;
             T qs[MAX_D];
-            for (int64_t c = 0; c < D; ++c) qs[c] = qr[c] * (T)a.scale;
+            for (int64_t c = 0; c < D; ++c) qs[c] = qr[c] * q_scale;
             V mx = V{} + neg_inf;
             for (int64_t jb = 0; jb < nkb; ++jb) {
                 V s = V{};
@@ -110,7 +113,7 @@ void attn_items(const AttnArgs& a, int64_t item0, int64_t item1) {
             V acc[MAX_D];
             for (int64_t c = 0; c < Dv; ++c) acc[c] = V{};
             for (int64_t jb = 0; jb < nkb; ++jb) {
-                V p = vexp(sc[jb] - m);
+                V p = vexp2(sc[jb] - m);
                 if (jb == nkb - 1) p = sc[jb] == neg_inf ? V{} : p;
                 sum += p;
                 for (int64_t c = 0; c < Dv; ++c) acc[c] += p * vt[jb * Dv + c];

@@ -82,9 +82,10 @@ struct ConvArgs {
 
 namespace {
 
-template <typename T, typename V>
+// FIXED_N > 0: N known at compile time, so the state loop unrolls and h stays in registers.
+template <typename T, typename V, int FIXED_N>
 void scan_items(const ScanArgs& a, int64_t item0, int64_t item1) {
-    const int64_t L = a.L, D = a.D, N = a.N, R = a.R;
+    const int64_t L = a.L, D = a.D, N = FIXED_N ? FIXED_N : a.N, R = a.R;
     const T* A = (const T*)a.A;
     const T* Bm = (const T*)a.B;
     const T* Cm = (const T*)a.C;
@@ -100,7 +101,8 @@ void scan_items(const ScanArgs& a, int64_t item0, int64_t item1) {
         const int64_t w = D - d0 < BLOCK ? D - d0 : BLOCK;
         for (int64_t n = 0; n < N; ++n) {
             h[n] = V{};
-            for (int64_t k = 0; k < BLOCK; ++k) decay[n][k] = k < w ? A[(d0 + k) * N + n] : 0;
+            for (int64_t k = 0; k < BLOCK; ++k)
+                decay[n][k] = k < w ? A[(d0 + k) * N + n] * (T)1.4426950408889634 : 0;
         }
         if (dtw)
             for (int64_t r = 0; r < R; ++r)
@@ -122,11 +124,16 @@ void scan_items(const ScanArgs& a, int64_t item0, int64_t item1) {
             const V du = dd * uu;
             const T* bp = Bm + s * a.bs + t * a.bt;
             const T* cp = Cm + s * a.cs + t * a.ct;
-            V acc = skip * uu;
-            for (int64_t n = 0; n < N; ++n) {
-                h[n] = vexp(dd * decay[n]) * h[n] + du * bp[n * a.bn];
+            V acc = skip * uu, acc2 = V{};  // two sums: half the dependent-add chain
+            for (int64_t n = 0; n < N; n += 2) {
+                h[n] = vexp2(dd * decay[n]) * h[n] + du * bp[n * a.bn];  // exp(dd A)
                 acc += h[n] * cp[n * a.cn];
+                if (n + 1 < N) {
+                    h[n + 1] = vexp2(dd * decay[n + 1]) * h[n + 1] + du * bp[(n + 1) * a.bn];
+                    acc2 += h[n + 1] * cp[(n + 1) * a.cn];
+                }
             }
+            acc += acc2;
             if (z) acc *= silu(load<V>(z + s * a.zs + t * a.zt + d0, w));
             store(y + (s * L + t) * D + d0, acc, w);
         }
@@ -162,10 +169,14 @@ void conv_items(const ConvArgs& a, int64_t item0, int64_t item1) {
 
 extern "C" {
 void scan_f32(const ScanArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, scan_items<float, vf>);
+    if (a->N == 16) {
+        parallel(a, items, threads, scan_items<float, vf, 16>);
+    } else {
+        parallel(a, items, threads, scan_items<float, vf, 0>);
+    }
 }
 void scan_f64(const ScanArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, scan_items<double, vd>);
+    parallel(a, items, threads, scan_items<double, vd, 0>);
 }
 void conv_f32(const ConvArgs* a, int64_t items, int64_t threads) {
     parallel(a, items, threads, conv_items<float, vf>);

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attn_speech.enhance import norm_kernel
 from attn_speech.enhance.mamba import BiMamba
 from attn_speech.enhance.stft import StftConfig, mag_pha_istft, mag_pha_stft
 from attn_training.pretrained import PretrainedMixin
@@ -26,6 +27,23 @@ __all__ = ["DenseBlock", "MambAttention", "TFBlock"]
 
 def _norm_act(channels: int) -> list[nn.Module]:
     return [nn.InstanceNorm2d(channels, affine=True), nn.PReLU(channels)]
+
+
+class ConvNormAct(nn.Sequential):
+    """A convolution, ``InstanceNorm2d`` and ``PReLU`` (the parameter names of the plain
+    ``nn.Sequential``). Without autograd the last two run as one compiled pass
+    (:mod:`attn_speech.enhance.norm_kernel`) that can write into a given ``out``.
+    """
+
+    def __init__(self, conv: nn.Module, channels: int) -> None:
+        super().__init__(conv, *_norm_act(channels))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = self[0](x)
+        if norm_kernel.supports(y, self[1], self[2]):
+            return norm_kernel.instance_norm_prelu(y, self[1], self[2], out=out)
+        y = self[2](self[1](y))
+        return y if out is None else out.copy_(y)
 
 
 class DenseBlock(nn.Module):
@@ -39,9 +57,9 @@ class DenseBlock(nn.Module):
             dil = 2**i
             pad = (dil * (kernel[0] - 1) // 2, (kernel[1] - 1) // 2)
             self.layers.append(
-                nn.Sequential(
+                ConvNormAct(
                     nn.Conv2d(channels * (i + 1), channels, kernel, dilation=(dil, 1), padding=pad),
-                    *_norm_act(channels),
+                    channels,
                 )
             )
 
@@ -58,7 +76,9 @@ class DenseBlock(nn.Module):
         buf = x.new_empty(x.shape[0], depth * c, *x.shape[2:])
         buf[:, (depth - 1) * c :] = x
         for i, layer in enumerate(self.layers[:-1]):
-            buf[:, (depth - 2 - i) * c : (depth - 1 - i) * c] = layer(buf[:, (depth - 1 - i) * c :])
+            layer(
+                buf[:, (depth - 1 - i) * c :], out=buf[:, (depth - 2 - i) * c : (depth - 1 - i) * c]
+            )
         return self.layers[-1](buf)
 
 
@@ -67,11 +87,9 @@ class DenseEncoder(nn.Module):
 
     def __init__(self, channels: int, in_channels: int = 2) -> None:
         super().__init__()
-        self.conv_in = nn.Sequential(nn.Conv2d(in_channels, channels, 1), *_norm_act(channels))
+        self.conv_in = ConvNormAct(nn.Conv2d(in_channels, channels, 1), channels)
         self.dense = DenseBlock(channels)
-        self.conv_out = nn.Sequential(
-            nn.Conv2d(channels, channels, (1, 3), (1, 2)), *_norm_act(channels)
-        )
+        self.conv_out = ConvNormAct(nn.Conv2d(channels, channels, (1, 3), (1, 2)), channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_out(self.dense(self.conv_in(x)))
@@ -114,9 +132,7 @@ class PhaseDecoder(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.dense = DenseBlock(channels)
-        self.conv = nn.Sequential(
-            nn.ConvTranspose2d(channels, channels, (1, 3), (1, 2)), *_norm_act(channels)
-        )
+        self.conv = ConvNormAct(nn.ConvTranspose2d(channels, channels, (1, 3), (1, 2)), channels)
         self.real = nn.Conv2d(channels, 1, 1)
         self.imag = nn.Conv2d(channels, 1, 1)
 

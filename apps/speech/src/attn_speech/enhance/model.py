@@ -14,6 +14,7 @@ frequency-halving convolution).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attn_speech.enhance import norm_kernel
@@ -122,7 +123,17 @@ class MaskDecoder(nn.Module):
         self.act = LearnableSigmoid(bins, beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(self.dense(x))[:, 0])
+        x = self.dense(x)
+        if torch.is_grad_enabled():
+            return self.act(self.conv(x)[:, 0])
+        # Inference: the 1x1 convolution to one channel after the transposed convolution is
+        # folded into it (both are linear per position), one output channel instead of C.
+        up, proj = self.conv[0], self.conv[1]
+        w_proj = proj.weight[:, :, 0, 0]  # [1, C]
+        weight = torch.einsum("iokw,po->ipkw", up.weight, w_proj)
+        bias = w_proj @ up.bias + proj.bias
+        y = F.conv_transpose2d(x, weight, bias, stride=up.stride, padding=up.padding)
+        return self.act(self.conv[2:](y)[:, 0])
 
 
 class PhaseDecoder(nn.Module):

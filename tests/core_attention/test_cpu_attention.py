@@ -101,7 +101,7 @@ def test_unsupported_cases_are_named():
     assert "gradients" in cpu_attention.unsupported_reason(g, q, q)
     with torch.no_grad():
         assert cpu_attention.unsupported_reason(g, q, q) is None
-    with pytest.raises(RuntimeError, match="cannot run: .*dropout|cannot run: .*gradients"):
+    with pytest.raises(RuntimeError, match=r"cannot run: gradients"):
         cpu_attention.small_head_attention(g, q, q, 1.0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -84,7 +86,7 @@ def test_long_input_goes_through_bounded_chunks():
 def test_chunk_starts_cover_with_overlap(samples, chunk, overlap):
     length, starts = chunk_starts(samples, chunk, overlap)
     assert length <= chunk and starts[0] == 0 and starts[-1] + length == samples
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(length - g >= overlap for g in gaps)  # every neighbour overlaps enough
     if len(starts) > 1:  # one chunk fewer could not cover the signal with that overlap
         assert (len(starts) - 1) * (chunk - overlap) + overlap < samples

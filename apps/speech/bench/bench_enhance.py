@@ -5,8 +5,8 @@
 
 RTF = processing time / audio duration (below 1: faster than real time) of
 :func:`~attn_speech.enhance.inference.enhance_waveform` at the paper configuration
-(MambAttention, Kühne et al. 2025: 2.33M parameters, chunks of at most 4 s), once per scan backend in
-``--backends`` and repeat, the backends interleaved so that their ratios hold on a loaded
+(MambAttention, Kühne et al. 2025: 2.33M parameters, chunks of at most 4 s), once per scan
+backend in ``--backends`` and repeat, the backends interleaved so that their ratios hold on a loaded
 machine; ``--clock cpu`` counts the process's CPU time, which other jobs do not inflate
 (meaningful at one thread). ``auto`` is the compiled kernel path of
 :mod:`attn_speech.enhance.scan_kernel` where it builds; its one-off build is reported.

@@ -64,9 +64,7 @@ def test_matches_float64_naive(case, lengths):
     out = cpu_attention.small_head_attention(q, k, v, scale, key_lengths)
     assert out.shape == (b, h, nq, dv)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    out32 = cpu_attention.small_head_attention(
-        q.float(), k.float(), v.float(), scale, key_lengths
-    )
+    out32 = cpu_attention.small_head_attention(q.float(), k.float(), v.float(), scale, key_lengths)
     torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=2e-6)
 
 

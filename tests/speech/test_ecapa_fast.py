@@ -150,3 +150,38 @@ def test_bfloat16_fast_network_stays_close():
     full = fast(feats, lengths)[:, 0]
     low = half(feats.bfloat16(), lengths)[:, 0].float()
     assert F.cosine_similarity(full, low).min() > 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_consecutive_calls_of_other_lengths_and_batches_equal_fresh_modules(conv_path, dtype):
+    """One module called on changing lengths and batch sizes gives, call after call, what a
+    fresh module and the reference network give: nothing of a call leaks into the next."""
+    cfg = EcapaConfig(channels=(48, 48, 48, 48, 144), attention_channels=8, se_channels=8)
+    torch.manual_seed(7)
+    model = EcapaTDNN(cfg).eval()
+    _randomise_batchnorm(model)
+    model = model.to(dtype)
+    kept = FastEcapa(model)
+    tol = {"atol": 3e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
+    for frames, t in [([61], 61), ([157, 101, 77], 157), ([93, 40], 93), ([61], 61), ([200], 200)]:
+        feats = torch.randn(len(frames), t, 80, dtype=dtype)
+        lengths = relative_from_frames(torch.tensor(frames), t)
+        got = kept(feats, lengths)
+        torch.testing.assert_close(got, FastEcapa(model)(feats, lengths), atol=0, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(feats, lengths), **tol)
+
+
+def test_returned_embeddings_are_not_overwritten_by_later_calls(conv_path):
+    cfg = EcapaConfig(channels=(48, 48, 48, 48, 144), attention_channels=8, se_channels=8)
+    torch.manual_seed(8)
+    model = EcapaTDNN(cfg).eval()
+    _randomise_batchnorm(model)
+    fast = FastEcapa(model)
+    first_feats = torch.randn(2, 120, 80)
+    first = fast(first_feats)
+    saved = first.clone()
+    for shape in [(2, 120, 80), (1, 90, 80), (3, 150, 80)]:
+        fast(torch.randn(*shape))
+    torch.testing.assert_close(first, saved, atol=0, rtol=0)
+    torch.testing.assert_close(fast(first_feats), saved, atol=0, rtol=0)

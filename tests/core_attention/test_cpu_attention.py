@@ -166,3 +166,15 @@ def test_multi_head_layer_with_padding():
         mha.backend = "torch"
         ref = mha(x, key_lengths=lengths)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_traced_and_exported_graphs_keep_the_attention():
+    """Tracers record PyTorch's attention, never the kernel (which they could not see)."""
+    torch.manual_seed(2)
+    mha = MultiHeadAttention(32, 4).eval()  # head size 8
+    x, other = torch.randn(2, 19, 32), torch.randn(3, 11, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(mha, (x,), check_trace=False)
+        torch.testing.assert_close(traced(other), mha(other), rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(mha, (x,)).module()
+        torch.testing.assert_close(exported(x), mha(x), rtol=1e-5, atol=1e-5)

@@ -78,3 +78,18 @@ def test_conv_norm_act_paths_agree_and_keep_parameter_names():
         assert norm_kernel.supports(block[0](x), block[1], block[2])
         got = block(x)
     torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_traced_network_records_pytorch_ops():
+    """TorchScript tracing takes the PyTorch paths (a tracer cannot see the kernels)."""
+    from attn_speech.enhance.model import MambAttention
+    from attn_speech.enhance.stft import mag_pha_stft
+
+    torch.manual_seed(3)
+    model = MambAttention(channels=8, num_blocks=1, num_heads=2, d_state=4, expand=2).eval()
+    mag, pha, _ = mag_pha_stft(torch.randn(1, 2400), model.stft)
+    mag2, pha2, _ = mag_pha_stft(torch.randn(1, 2400), model.stft)  # same length, new values
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (mag, pha), check_trace=False)
+        for got, want in zip(traced(mag2, pha2), model(mag2, pha2)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

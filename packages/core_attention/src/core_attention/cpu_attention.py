@@ -26,7 +26,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import NativeLibrary, addr
+from core_attention.native import NativeLibrary, addr, tracing
 
 __all__ = ["MAX_HEAD_DIM", "available", "build_error", "small_head_attention", "unsupported_reason"]
 
@@ -202,8 +202,8 @@ def unsupported_reason(
         return f"head size above {MAX_HEAD_DIM}"
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return "head channels not contiguous"
-    if torch.compiler.is_compiling():
-        return "torch.compile tracing"
+    if tracing(q, k, v):
+        return "a tracer is recording (torch.compile, torch.export or TorchScript)"
     if not available():
         return f"the kernel did not build: {build_error()}"
     return None

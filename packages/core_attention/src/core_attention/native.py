@@ -33,7 +33,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BLOCK", "PRELUDE", "NativeLibrary", "addr", "cache_dir", "compile_flags"]
+__all__ = [
+    "BLOCK",
+    "PRELUDE",
+    "NativeLibrary",
+    "addr",
+    "cache_dir",
+    "compile_flags",
+    "tracing",
+]
 
 BLOCK = 16  # lanes of the vector types: one 512-bit register of float32
 
@@ -300,3 +308,12 @@ class NativeLibrary:
 def addr(t: torch.Tensor | None) -> int | None:
     """Data pointer of ``t`` for a ``ctypes`` pointer field (``None`` stays null)."""
     return None if t is None else t.data_ptr()
+
+
+def tracing(*tensors: torch.Tensor) -> bool:
+    """Whether a tracer is recording (torch.compile, torch.export, TorchScript) or any of
+    ``tensors`` is a tracer's stand-in (fake or functional): a ``ctypes`` call would be
+    invisible to it, so kernels of this module must not run then."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    return any(type(t) is not torch.Tensor for t in tensors)

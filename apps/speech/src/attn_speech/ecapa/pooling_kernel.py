@@ -35,7 +35,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import BLOCK, NativeLibrary, addr
+from core_attention.native import BLOCK, NativeLibrary, addr, tracing
 
 __all__ = ["attentive_mean_std", "available", "build_error", "mean_std", "supports"]
 
@@ -225,7 +225,12 @@ def build_error() -> str | None:
 
 def supports(u: torch.Tensor) -> bool:
     """Whether the kernel takes tensors like ``u`` (float32 or float64 on the CPU)."""
-    return u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64) and available()
+    return (
+        u.device.type == "cpu"
+        and u.dtype in (torch.float32, torch.float64)
+        and not tracing(u)
+        and available()
+    )
 
 
 def _unit_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

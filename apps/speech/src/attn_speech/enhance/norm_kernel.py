@@ -20,7 +20,7 @@ import ctypes
 import torch
 from torch import nn
 
-from core_attention.native import NativeLibrary, addr
+from core_attention.native import NativeLibrary, addr, tracing
 
 __all__ = ["available", "instance_norm_prelu", "supports"]
 
@@ -125,6 +125,7 @@ def supports(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> bool:
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+        and not tracing(x)
         and available()
     )
 

@@ -28,7 +28,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import BLOCK, NativeLibrary, addr
+from core_attention.native import BLOCK, NativeLibrary, addr, tracing
 
 __all__ = ["available", "build_error", "conv_silu", "scan_tokens", "supports"]
 
@@ -240,6 +240,7 @@ def supports(x: torch.Tensor, n_state: int = 0, rank: int = 0, width: int = 0) -
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and max(n_state, rank, width) <= _MAX_STATE
+        and not tracing(x)
         and available()
     )
 

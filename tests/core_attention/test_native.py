@@ -1,0 +1,76 @@
+"""core_attention.native: building, caching, and the fallback without a compiler."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from core_attention.native import NativeLibrary, addr
+
+
+class _ScaleArgs(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("x", ctypes.c_void_p), ("y", ctypes.c_void_p)]
+
+
+_SOURCE = r"""
+extern "C" {
+struct ScaleArgs { int64_t n; const float* x; float* y; };
+}
+namespace {
+void scale_items(const ScaleArgs& a, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t w = a.n - i * BLOCK < BLOCK ? a.n - i * BLOCK : BLOCK;
+        store(a.y + i * BLOCK, vexp(load<vf>(a.x + i * BLOCK, w)), w);
+    }
+}
+}
+extern "C" void vexp_f32(const ScaleArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, scale_items);
+}
+"""
+
+
+def test_builds_once_into_the_cache_and_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    lib = NativeLibrary("native_test", _SOURCE, {"vexp_f32": _ScaleArgs})
+    assert lib.available(), lib.build_error()
+    built = list((tmp_path / "core-attention").glob("native_test_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    x = torch.linspace(-80, 80, 1001)
+    y = torch.full_like(x, float("nan"))
+    NativeLibrary("native_test", _SOURCE, {"vexp_f32": _ScaleArgs}).run(
+        "vexp_f32", _ScaleArgs(x.numel(), addr(x), addr(y)), -(-x.numel() // 16), 1 << 20
+    )
+    torch.testing.assert_close(y.double(), x.double().exp(), rtol=3e-7, atol=0)
+    assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+
+
+def test_without_a_compiler_attention_takes_the_pytorch_path(tmp_path):
+    script = textwrap.dedent(
+        """
+        import torch
+        from core_attention import attention, cpu_attention
+
+        assert not cpu_attention.available()
+        print(cpu_attention.build_error())
+        q = torch.randn(2, 3, 9, 8)
+        with torch.no_grad():
+            out = attention(q, q, q)
+        ref = torch.softmax(q @ q.transpose(-1, -2) * 8**-0.5, -1) @ q
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        print("fallback ok")
+        """
+    )
+    compiler = tmp_path / "no-such-compiler"
+    env = dict(os.environ, CXX=str(compiler), XDG_CACHE_HOME=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fallback ok" in proc.stdout and "no-such-compiler" in proc.stdout

@@ -1,0 +1,49 @@
+"""MambAttention inference where no C++ compiler is found: every compiled kernel reports why
+and the network runs on PyTorch's ops, with the same result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from attn_speech.enhance.model import MambAttention
+
+TINY = {"channels": 8, "num_blocks": 1, "num_heads": 2, "d_state": 4, "expand": 2}
+
+
+def test_enhance_without_a_compiler(tmp_path):
+    torch.manual_seed(5)
+    model = MambAttention(**TINY).eval()
+    model.save_pretrained(tmp_path / "model")
+    wav = torch.randn(1, 3000)
+    torch.save(wav, tmp_path / "wav.pt")
+    with torch.no_grad():
+        want = model.enhance(wav)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from core_attention import cpu_attention
+        from attn_speech.enhance import norm_kernel, scan_kernel
+        from attn_speech.enhance.model import MambAttention
+
+        assert not (cpu_attention.available() or scan_kernel.available())
+        assert not norm_kernel.available()
+        assert "no-such-compiler" in scan_kernel.build_error()
+        model = MambAttention.from_pretrained({str(tmp_path / "model")!r}).eval()
+        with torch.no_grad():
+            out = model.enhance(torch.load({str(tmp_path / "wav.pt")!r}))
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    env = dict(
+        os.environ, CXX=str(tmp_path / "no-such-compiler"), XDG_CACHE_HOME=str(tmp_path / "cache")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,8 @@ Without gradients (inference) and with the compiled kernels of
 projections throughout: three GEMMs, one pass for the convolution and SiLU, one pass for
 the step size, the scan, the skip term and the gate; the backward direction of
 :class:`BiMamba` runs its convolution and scan from the last step instead of flipping.
+With gradients (training), the layer is PyTorch ops around :func:`selective_scan`, whose
+default backend is then the compiled scan with its compiled backward.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Work is split between ``torch.get_num_threads()`` OpenMP threads of the runtime 
 already runs. Float32 uses polynomial ``exp``/``log1p`` (about 1 ulp); float64 the C
 library.
 
-Inference only: the kernels compute no gradients.
+:func:`scan_tokens_grad` is the backward of the scan (step size given, forward direction),
+for training; the convolution and the step-size projection have no backward here.
 
 Shapes (token-major, unit stride along channels): ``u``, ``z``, ``y`` ``[S, L, D]``;
 ``B``, ``C`` ``[S, L, N]``; ``A`` ``[D, N]``; ``D`` ``[D]``.
@@ -30,11 +31,20 @@ import torch
 
 from core_attention.native import BLOCK, NativeLibrary, addr, tracing
 
-__all__ = ["available", "build_error", "conv_silu", "scan_tokens", "supports"]
+__all__ = [
+    "available",
+    "build_error",
+    "conv_silu",
+    "scan_tokens",
+    "scan_tokens_grad",
+    "supports",
+]
 
 _MAX_STATE = 64
 
 _SOURCE = r"""
+#include <vector>
+
 namespace {
 
 constexpr int MAX_STATE = 64;
@@ -76,6 +86,17 @@ struct ConvArgs {
     const void* w; const void* b;
     void* out;
     int64_t reverse;
+};
+
+// Gradients of the scan (contiguous token-major inputs; delta the positive step size):
+// u, delta, z, gy [S, L, D]; B, C [S, L, N]; A [D, N]. Out: gu, gdelta, gz [S, L, D];
+// per (sequence, channel block) partial sums gB, gC [S, blocks, L, N]; per sequence
+// partial sums gA [S, D, N] and gD [S, D].
+struct GradArgs {
+    int64_t L, D, N;
+    const void* u; const void* delta; const void* A; const void* B; const void* C;
+    const void* Dv; const void* z; const void* gy;
+    void* gu; void* gdelta; void* gA; void* gB; void* gC; void* gD; void* gz;
 };
 
 }
@@ -140,6 +161,100 @@ void scan_items(const ScanArgs& a, int64_t item0, int64_t item1) {
     }
 }
 
+// Reverse pass of the scan for one (sequence, 16-channel block): the forward states
+// h_1..h_L are recomputed into a buffer, then with x_t = dL/dh_t (x_t = gs_t C_t +
+// exp(delta_{t+1} A) x_{t+1}, gs_t the gradient of the ungated output):
+//   gC_t = sum_d gs_t h_t,  gB_t = sum_d x_t delta_t u_t,
+//   gdelta_t = sum_n x_t (A exp(delta_t A) h_{t-1} + B_t u_t),  gA = sum_t x_t delta_t
+//   exp(delta_t A) h_{t-1},  gu_t = gs_t D + sum_n x_t delta_t B_t,  gD = sum_t gs_t u_t.
+template <typename T, typename V, int FIXED_N>
+void grad_items(const GradArgs& a, int64_t item0, int64_t item1) {
+    const int64_t L = a.L, D = a.D, N = FIXED_N ? FIXED_N : a.N;
+    const T* A = (const T*)a.A;
+    const T* Bm = (const T*)a.B;
+    const T* Cm = (const T*)a.C;
+    const T* u = (const T*)a.u;
+    const T* dl = (const T*)a.delta;
+    const T* z = (const T*)a.z;
+    const T* gy = (const T*)a.gy;
+    T* gu = (T*)a.gu;
+    T* gdl = (T*)a.gdelta;
+    T* gz = (T*)a.gz;
+    T* gA = (T*)a.gA;
+    T* gB = (T*)a.gB;
+    T* gC = (T*)a.gC;
+    T* gD = (T*)a.gD;
+    const int64_t blocks = (D + BLOCK - 1) / BLOCK;
+    std::vector<T> states((size_t)L * N * BLOCK);
+    V h[MAX_STATE], x[MAX_STATE], decay[MAX_STATE], Av[MAX_STATE], gAv[MAX_STATE];
+    for (int64_t item = item0; item < item1; ++item) {
+        const int64_t s = item / blocks, blk = item % blocks, d0 = blk * BLOCK;
+        const int64_t w = D - d0 < BLOCK ? D - d0 : BLOCK;
+        for (int64_t n = 0; n < N; ++n) {
+            h[n] = V{};
+            x[n] = V{};
+            gAv[n] = V{};
+            for (int64_t k = 0; k < BLOCK; ++k) {
+                Av[n][k] = k < w ? A[(d0 + k) * N + n] : 0;
+                decay[n][k] = Av[n][k] * (T)1.4426950408889634;
+            }
+        }
+        const V skip = a.Dv ? load<V>((const T*)a.Dv + d0, w) : V{};
+        const int64_t base = s * L * D + d0;
+        for (int64_t t = 0; t < L; ++t) {
+            const V dd = load<V>(dl + base + t * D, w);
+            const V du = dd * load<V>(u + base + t * D, w);
+            const T* bp = Bm + (s * L + t) * N;
+            T* hp = states.data() + t * N * BLOCK;
+            for (int64_t n = 0; n < N; ++n) {
+                h[n] = vexp2(dd * decay[n]) * h[n] + du * bp[n];
+                std::memcpy(hp + n * BLOCK, &h[n], sizeof(V));
+            }
+        }
+        V gDv = V{};
+        for (int64_t t = L - 1; t >= 0; --t) {
+            const V uu = load<V>(u + base + t * D, w);
+            const V dd = load<V>(dl + base + t * D, w);
+            const V du = dd * uu;
+            const V g = load<V>(gy + base + t * D, w);
+            const T* bp = Bm + (s * L + t) * N;
+            const T* cp = Cm + (s * L + t) * N;
+            const T* hp = states.data() + t * N * BLOCK;
+            V gs = g;
+            if (z) {
+                V out = skip * uu;
+                for (int64_t n = 0; n < N; ++n) out += load<V>(hp + n * BLOCK, BLOCK) * cp[n];
+                const V zz = load<V>(z + base + t * D, w);
+                const V sig = 1 / (1 + vexp(-zz));
+                gs = g * zz * sig;
+                store(gz + base + t * D, g * out * sig * (1 + zz * (1 - sig)), w);
+            }
+            gDv += gs * uu;
+            V gu_t = gs * skip, gd_t = V{};
+            T* gbp = gB + ((s * blocks + blk) * L + t) * N;
+            T* gcp = gC + ((s * blocks + blk) * L + t) * N;
+            for (int64_t n = 0; n < N; ++n) {
+                const V ht = load<V>(hp + n * BLOCK, BLOCK);
+                const V hprev = t > 0 ? load<V>(hp - N * BLOCK + n * BLOCK, BLOCK) : V{};
+                x[n] += gs * cp[n];
+                gcp[n] = hsum(gs * ht);
+                gbp[n] = hsum(x[n] * du);
+                const V decayed = vexp2(dd * decay[n]);
+                const V ah = decayed * hprev;
+                gd_t += x[n] * (Av[n] * ah + uu * bp[n]);
+                gAv[n] += x[n] * dd * ah;
+                gu_t += x[n] * dd * bp[n];
+                x[n] *= decayed;
+            }
+            store(gu + base + t * D, gu_t, w);
+            store(gdl + base + t * D, gd_t, w);
+        }
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t k = 0; k < w; ++k) gA[(s * D + d0 + k) * N + n] = gAv[n][k];
+        store(gD + s * D + d0, gDv, w);
+    }
+}
+
 template <typename T, typename V>
 void conv_items(const ConvArgs& a, int64_t item0, int64_t item1) {
     const int64_t L = a.L, D = a.D, K = a.K;
@@ -178,6 +293,16 @@ void scan_f32(const ScanArgs* a, int64_t items, int64_t threads) {
 void scan_f64(const ScanArgs* a, int64_t items, int64_t threads) {
     parallel(a, items, threads, scan_items<double, vd, 0>);
 }
+void scan_grad_f32(const GradArgs* a, int64_t items, int64_t threads) {
+    if (a->N == 16) {
+        parallel(a, items, threads, grad_items<float, vf, 16>);
+    } else {
+        parallel(a, items, threads, grad_items<float, vf, 0>);
+    }
+}
+void scan_grad_f64(const GradArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, grad_items<double, vd, 0>);
+}
 void conv_f32(const ConvArgs* a, int64_t items, int64_t threads) {
     parallel(a, items, threads, conv_items<float, vf>);
 }
@@ -206,6 +331,14 @@ class _ScanArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
+class _GradArgs(ctypes.Structure):
+    _fields_ = [
+        *[(k, _i64) for k in ("L", "D", "N")],
+        *[(k, _ptr) for k in ("u", "delta", "A", "B", "C", "Dv", "z", "gy")],
+        *[(k, _ptr) for k in ("gu", "gdelta", "gA", "gB", "gC", "gD", "gz")],
+    ]
+
+
 class _ConvArgs(ctypes.Structure):
     _fields_ = [
         ("L", _i64), ("D", _i64), ("K", _i64),
@@ -219,7 +352,14 @@ class _ConvArgs(ctypes.Structure):
 _LIBRARY = NativeLibrary(
     "selective_scan",
     _SOURCE,
-    {"scan_f32": _ScanArgs, "scan_f64": _ScanArgs, "conv_f32": _ConvArgs, "conv_f64": _ConvArgs},
+    {
+        "scan_f32": _ScanArgs,
+        "scan_f64": _ScanArgs,
+        "scan_grad_f32": _GradArgs,
+        "scan_grad_f64": _GradArgs,
+        "conv_f32": _ConvArgs,
+        "conv_f64": _ConvArgs,
+    },
 )
 
 
@@ -301,6 +441,60 @@ def scan_tokens(
     )  # fmt: skip
     _run("scan", dtype, args, s * -(-d // BLOCK), s * length * d * A.shape[1])
     return y
+
+
+def scan_tokens_grad(
+    grad: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`scan_tokens` (``delta`` the step size ``[S, L, D]``, forward
+    direction) with respect to ``u, delta, A, B, C, D, z``, given ``grad`` ``[S, L, D]`` of
+    its output; ``None`` for an absent ``D`` or ``z``.
+
+    Every (sequence, 16-channel block) recomputes its forward states into an ``[L, N, 16]``
+    buffer and runs the recurrence backwards (Gu & Dao 2023, Algorithm 2 / S6). Sums across
+    channels and sequences are written as per-item partial sums and added here, so threads
+    never share an output. Returns, in the order of the inputs, ``gu``, ``gdelta``
+    ``[S, L, D]``, ``gA`` ``[D, N]``, ``gB``, ``gC`` ``[S, L, N]``, ``gD`` ``[D]``, ``gz``
+    ``[S, L, D]``.
+    """
+    if not available():
+        raise RuntimeError(f"the selective-scan kernel is not available: {build_error()}")
+    dtype = u.dtype
+    s, length, d = u.shape
+    n = A.shape[1]
+    blocks = -(-d // BLOCK)
+    u, delta, grad, B, C = (t.to(dtype).contiguous() for t in (u, delta, grad, B, C))
+    A = A.to(dtype).contiguous()
+    D = None if D is None else D.to(dtype).contiguous()
+    z = None if z is None else z.to(dtype).contiguous()
+    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+    gz = None if z is None else torch.empty_like(u)
+    gA = torch.empty(s, d, n, dtype=dtype)
+    gB = torch.empty(s, blocks, length, n, dtype=dtype)
+    gC = torch.empty(s, blocks, length, n, dtype=dtype)
+    gD = torch.empty(s, d, dtype=dtype)
+    args = _GradArgs(
+        length, d, n,
+        *(addr(t) for t in (u, delta, A, B, C, D, z, grad)),
+        *(addr(t) for t in (gu, gdelta, gA, gB, gC, gD, gz)),
+    )  # fmt: skip
+    _run("scan_grad", dtype, args, s * blocks, 3 * s * length * d * n)
+    return (
+        gu,
+        gdelta,
+        gA.sum(0),
+        gB.sum(1),
+        gC.sum(1),
+        None if D is None else gD.sum(0),
+        gz,
+    )
 
 
 def conv_silu(

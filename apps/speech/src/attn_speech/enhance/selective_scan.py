@@ -12,11 +12,11 @@ of the sequence scanned in parallel with a Hillis-Steele doubling scan, the stat
 from chunk to chunk; ``"fused"``: the step loop on time-major inputs, the state updated by
 one fused multiply-add and read out by one batched matmul; ``"kernel"``: the compiled CPU
 loop of :mod:`attn_speech.enhance.scan_kernel`, which keeps a block of the state in
-registers for the whole sequence and applies ``D`` and the gate in the same pass, with
-gradients by recomputing the forward with ``"fused"``). On CPU the step loops win: the
-state stays in cache, whereas every parallel form streams ``[B, D, chunk, N]`` tensors
+registers for the whole sequence and applies ``D`` and the gate in the same pass, with a
+compiled backward that recomputes the states block by block). On CPU the step loops win:
+the state stays in cache, whereas every parallel form streams ``[B, D, chunk, N]`` tensors
 through memory several times (measured in ``apps/speech/bench/bench_enhance.py``).
-``"auto"`` runs ``"kernel"`` when no gradient is needed and the kernel could be built,
+``"auto"`` runs ``"kernel"`` where the kernel could be built (with or without gradients),
 else ``"fused"``. A GPU kernel registers itself in :data:`BACKENDS` under a new name and
 becomes available to every caller.
 
@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from attn_speech.enhance import scan_kernel
 
@@ -118,37 +119,69 @@ def scan_chunked(
 
 
 class _KernelScan(torch.autograd.Function):
-    """The compiled loop forward; the backward recomputes the forward with
-    :func:`scan_fused` under autograd (the kernel has no backward of its own)."""
+    """The compiled loop: :func:`scan_kernel.scan_tokens` forward (scan, ``D u`` and the
+    gate in one pass), :func:`scan_kernel.scan_tokens_grad` backward, which recomputes the
+    states instead of saving ``[B, D, L, N]`` of them.
+
+    Inputs ``u, delta, A, B, C, D, z`` in :func:`selective_scan`'s layout (``D`` and ``z``
+    may be ``None``; ``delta`` positive, bias and softplus applied by the caller).
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):  # type: ignore[override]
-        ctx.save_for_backward(u, delta, A, B, C)
+    def forward(ctx, u, delta, A, B, C, D, z):  # type: ignore[override]
+        ctx.save_for_backward(u, delta, A, B, C, D, z)
         y = scan_kernel.scan_tokens(
-            u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2)
+            u.transpose(1, 2),
+            delta.transpose(1, 2),
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D,
+            None if z is None else z.transpose(1, 2),
         )
         return y.transpose(1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            y = scan_fused(*inputs)
-        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
-        got = iter(torch.autograd.grad(y, wanted, grad))
-        return tuple(next(got) if need else None for need in ctx.needs_input_grad)
+        u, delta, A, B, C, D, z = ctx.saved_tensors
+        grads = scan_kernel.scan_tokens_grad(
+            grad.transpose(1, 2),
+            *(t.transpose(1, 2) for t in (u, delta)),
+            A,
+            *(t.transpose(1, 2) for t in (B, C)),
+            D,
+            None if z is None else z.transpose(1, 2),
+        )
+        gu, gdelta, gA, gB, gC, gD, gz = (
+            None if g is None else g.to(t.dtype) for g, t in zip(grads, ctx.saved_tensors)
+        )
+        out = (
+            gu.transpose(1, 2),
+            gdelta.transpose(1, 2),
+            gA,
+            gB.transpose(1, 2),
+            gC.transpose(1, 2),
+            gD,
+            None if gz is None else gz.transpose(1, 2),
+        )
+        return tuple(g if need else None for g, need in zip(out, ctx.needs_input_grad))
 
 
 def scan_kernel_cpu(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 ) -> torch.Tensor:
     """The compiled CPU loop (:mod:`attn_speech.enhance.scan_kernel`), differentiable."""
-    if not scan_kernel.supports(u, A.shape[1]):
+    _check_kernel(u, A.shape[1])
+    return _KernelScan.apply(u, delta, A, B, C, None, None)
+
+
+def _check_kernel(u: torch.Tensor, n: int) -> None:
+    if not scan_kernel.supports(u, n):
         raise RuntimeError(
             "the 'kernel' scan needs CPU float32/float64 tensors, N <= 64 and a C++ compiler"
             f" ({scan_kernel.build_error() or 'unsupported inputs'})"
         )
-    return _KernelScan.apply(u, delta, A, B, C)
 
 
 BACKENDS: dict[str, ScanFn] = {
@@ -177,8 +210,9 @@ def selective_scan(
 ) -> torch.Tensor:
     """Mamba's selective scan (the signature of ``mamba_ssm.selective_scan_fn``).
 
-    ``backend``: ``"auto"`` (``"kernel"`` without gradients where it is built, else
-    ``"fused"``), or any key of :data:`BACKENDS`.
+    ``backend``: ``"auto"`` (``"kernel"`` where it is built, else ``"fused"``), or any key
+    of :data:`BACKENDS`. With ``"kernel"``, ``D`` and the gate are part of the compiled pass
+    and of its backward; ``delta_bias`` and the softplus stay PyTorch ops.
     """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(
@@ -195,12 +229,16 @@ def selective_scan(
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
     if backend == "auto":
-        backend = "kernel" if not grad and scan_kernel.supports(u, n) else "fused"
+        backend = "kernel" if scan_kernel.supports(u, n) else "fused"
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    if backend == "kernel" and not grad and scan_kernel.supports(u, n):
+    if backend == "kernel" and grad:
+        _check_kernel(u, n)
+        return _KernelScan.apply(u, delta, A, B, C, D, z)
+    if backend == "kernel":
+        _check_kernel(u, n)
         # one pass for the scan, D u and the gate, on the token-major layout of Mamba's
         # projections (the transposes below are views there)
         y = scan_kernel.scan_tokens(

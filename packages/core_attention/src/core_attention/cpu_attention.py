@@ -163,9 +163,7 @@ class _AttnArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
-_LIBRARY = NativeLibrary(
-    "small_head_attention", _SOURCE, {"attention_f32": _AttnArgs, "attention_f64": _AttnArgs}
-)
+_LIBRARY = NativeLibrary("small_head_attention", _SOURCE, {"attention": _AttnArgs})
 
 
 def available() -> bool:
@@ -238,6 +236,5 @@ def small_head_attention(
         float(scale),
     )  # fmt: skip
     items = b * h * -(-nq // rows)
-    name = f"attention_{'f32' if q.dtype == torch.float32 else 'f64'}"
-    _LIBRARY.run(name, args, items, b * h * nq * nk * q.shape[-1])
+    _LIBRARY.run("attention", q.dtype, args, items, b * h * nq * nk * q.shape[-1])
     return out

@@ -14,10 +14,11 @@ shared by OpenMP threads of the runtime PyTorch already runs (built with ``-fope
 library uses the ``libgomp`` PyTorch has loaded), so kernels and PyTorch never compete for
 cores.
 
-Every exported function has the signature ``void f(const Args*, int64_t items, int64_t
-threads)``: a ``ctypes.Structure`` of sizes, pointers and strides, the number of work items
-and the threads to share them. :meth:`NativeLibrary.run` calls one on
-``torch.get_num_threads()`` threads (one for small work) under a profiler label.
+Every kernel is exported twice, ``<name>_f32`` and ``<name>_f64``, with the signature
+``void f(const Args*, int64_t items, int64_t threads)``: a ``ctypes.Structure`` of sizes,
+pointers and strides, the number of work items and the threads to share them.
+:meth:`NativeLibrary.run` calls the one for a dtype on ``torch.get_num_threads()`` threads
+(one for small work) under a profiler label.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ __all__ = [
     "cache_dir",
     "compile_flags",
     "tracing",
+    "unit_stride_last",
 ]
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 BLOCK = 16  # lanes of the vector types: one 512-bit register of float32
 
@@ -254,7 +258,8 @@ class NativeLibrary:
     Args:
         name: file name stem of the compiled library.
         source: C++ code defining ``extern "C"`` functions.
-        functions: exported function name -> its ``ctypes.Structure`` argument type.
+        functions: kernel name -> its ``ctypes.Structure`` argument type; the source exports
+            ``<kernel>_f32`` and ``<kernel>_f64``.
     """
 
     def __init__(self, name: str, source: str, functions: dict[str, type]) -> None:
@@ -275,10 +280,11 @@ class NativeLibrary:
                     if not path.exists():
                         _compile(self.source, path)
                     lib = ctypes.CDLL(str(path))
-                    for fn_name, struct in self.functions.items():
-                        fn = getattr(lib, fn_name)
-                        fn.restype = None
-                        fn.argtypes = [ctypes.POINTER(struct), ctypes.c_int64, ctypes.c_int64]
+                    for kernel, struct in self.functions.items():
+                        for suffix in _SUFFIX.values():
+                            fn = getattr(lib, f"{kernel}_{suffix}")
+                            fn.restype = None
+                            fn.argtypes = [ctypes.POINTER(struct), ctypes.c_int64, ctypes.c_int64]
                     self._lib = lib
                 except (OSError, RuntimeError, AttributeError) as exc:
                     self._error = str(exc)
@@ -294,13 +300,17 @@ class NativeLibrary:
         self._load()
         return self._error
 
-    def run(self, fn_name: str, args: ctypes.Structure, items: int, work: int) -> None:
-        """Call ``fn_name(&args, items, threads)`` on ``torch.get_num_threads()`` threads,
-        one when ``work`` (a count of inner-loop operations) is too small to share."""
+    def run(
+        self, kernel: str, dtype: torch.dtype, args: ctypes.Structure, items: int, work: int
+    ) -> None:
+        """Call ``<kernel>_f32`` or ``_f64`` (by ``dtype``) as ``f(&args, items, threads)`` on
+        ``torch.get_num_threads()`` threads, one when ``work`` (a count of inner-loop
+        operations) is too small to share."""
         lib = self._load()
         if lib is None:
             raise RuntimeError(f"the {self.name} kernels are not available: {self._error}")
         threads = 1 if work < 1 << 16 else max(1, min(torch.get_num_threads(), items))
+        fn_name = f"{kernel}_{_SUFFIX[dtype]}"
         with torch.profiler.record_function(f"{self.name}::{fn_name}"):
             getattr(lib, fn_name)(ctypes.byref(args), items, threads)
 
@@ -308,6 +318,13 @@ class NativeLibrary:
 def addr(t: torch.Tensor | None) -> int | None:
     """Data pointer of ``t`` for a ``ctypes`` pointer field (``None`` stays null)."""
     return None if t is None else t.data_ptr()
+
+
+def unit_stride_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` with unit stride along its last dimension (a copy only if needed),
+    the layout every kernel here vectorises over."""
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def tracing(*tensors: torch.Tensor) -> bool:

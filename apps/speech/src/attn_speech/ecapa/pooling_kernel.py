@@ -35,7 +35,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import BLOCK, NativeLibrary, addr, tracing
+from core_attention.native import BLOCK, NativeLibrary, addr, tracing, unit_stride_last
 
 __all__ = ["attentive_mean_std", "available", "build_error", "mean_std", "supports"]
 
@@ -209,7 +209,7 @@ class _StatsArgs(ctypes.Structure):
 _LIBRARY = NativeLibrary(
     "attentive_pooling",
     _SOURCE,
-    dict.fromkeys(("mean_std_f32", "mean_std_f64", "attentive_f32", "attentive_f64"), _StatsArgs),
+    {"mean_std": _StatsArgs, "attentive": _StatsArgs},
 )
 
 
@@ -233,11 +233,6 @@ def supports(u: torch.Tensor) -> bool:
     )
 
 
-def _unit_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    t = t.to(dtype)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _statistics(
     name: str,
     u: torch.Tensor,
@@ -253,11 +248,11 @@ def _statistics(
     batch, t, c = u.shape
     if t < 1:
         raise ValueError("statistics over zero frames")
-    u = _unit_last(u, dtype)
+    u = unit_stride_last(u, dtype)
     if scores is not None:
         if scores.shape != u.shape:
             raise ValueError(f"scores {tuple(scores.shape)} and u {tuple(u.shape)} differ")
-        scores = _unit_last(scores, dtype)
+        scores = unit_stride_last(scores, dtype)
     if frames is not None:
         frames = frames.to(torch.int64).clamp(1, t).contiguous()
     a, b = (v.to(dtype).contiguous() for v in (a, b))
@@ -271,8 +266,7 @@ def _statistics(
         float(eps),
         addr(out),
     )  # fmt: skip
-    fn = f"{name}_{'f32' if dtype == torch.float32 else 'f64'}"
-    _LIBRARY.run(fn, args, batch * -(-c // BLOCK), batch * t * c)
+    _LIBRARY.run(name, dtype, args, batch * -(-c // BLOCK), batch * t * c)
     return out
 
 

@@ -101,9 +101,7 @@ class _NormArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
-_LIBRARY = NativeLibrary(
-    "instance_norm_prelu", _SOURCE, {"norm_f32": _NormArgs, "norm_f64": _NormArgs}
-)
+_LIBRARY = NativeLibrary("instance_norm_prelu", _SOURCE, {"norm": _NormArgs})
 
 
 def available() -> bool:
@@ -150,6 +148,5 @@ def instance_norm_prelu(
         c, h * w, addr(x), addr(gamma), addr(beta), addr(alpha), int(alpha.numel() > 1),
         float(norm.eps), addr(out), out.stride(0), out.stride(1),
     )  # fmt: skip
-    name = "norm_f32" if x.dtype == torch.float32 else "norm_f64"
-    _LIBRARY.run(name, args, b * c, x.numel())
+    _LIBRARY.run("norm", x.dtype, args, b * c, x.numel())
     return out

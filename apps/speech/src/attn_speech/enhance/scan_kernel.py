@@ -29,7 +29,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import BLOCK, NativeLibrary, addr, tracing
+from core_attention.native import BLOCK, NativeLibrary, addr, tracing, unit_stride_last
 
 __all__ = [
     "available",
@@ -280,25 +280,27 @@ void conv_items(const ConvArgs& a, int64_t item0, int64_t item1) {
     }
 }
 
+// Float32 with 16 states (Mamba's default) runs the variant whose state loop is unrolled.
+template <typename Args, typename Fixed, typename Any>
+void by_state_size(const Args* a, int64_t items, int64_t threads, Fixed fixed, Any any) {
+    if (a->N == 16) {
+        parallel(a, items, threads, fixed);
+    } else {
+        parallel(a, items, threads, any);
+    }
+}
+
 }  // namespace
 
 extern "C" {
 void scan_f32(const ScanArgs* a, int64_t items, int64_t threads) {
-    if (a->N == 16) {
-        parallel(a, items, threads, scan_items<float, vf, 16>);
-    } else {
-        parallel(a, items, threads, scan_items<float, vf, 0>);
-    }
+    by_state_size(a, items, threads, scan_items<float, vf, 16>, scan_items<float, vf, 0>);
 }
 void scan_f64(const ScanArgs* a, int64_t items, int64_t threads) {
     parallel(a, items, threads, scan_items<double, vd, 0>);
 }
 void scan_grad_f32(const GradArgs* a, int64_t items, int64_t threads) {
-    if (a->N == 16) {
-        parallel(a, items, threads, grad_items<float, vf, 16>);
-    } else {
-        parallel(a, items, threads, grad_items<float, vf, 0>);
-    }
+    by_state_size(a, items, threads, grad_items<float, vf, 16>, grad_items<float, vf, 0>);
 }
 void scan_grad_f64(const GradArgs* a, int64_t items, int64_t threads) {
     parallel(a, items, threads, grad_items<double, vd, 0>);
@@ -352,14 +354,7 @@ class _ConvArgs(ctypes.Structure):
 _LIBRARY = NativeLibrary(
     "selective_scan",
     _SOURCE,
-    {
-        "scan_f32": _ScanArgs,
-        "scan_f64": _ScanArgs,
-        "scan_grad_f32": _GradArgs,
-        "scan_grad_f64": _GradArgs,
-        "conv_f32": _ConvArgs,
-        "conv_f64": _ConvArgs,
-    },
+    {"scan": _ScanArgs, "scan_grad": _GradArgs, "conv": _ConvArgs},
 )
 
 
@@ -385,15 +380,6 @@ def supports(x: torch.Tensor, n_state: int = 0, rank: int = 0, width: int = 0) -
     )
 
 
-def _run(name: str, dtype: torch.dtype, args: ctypes.Structure, items: int, work: int) -> None:
-    _LIBRARY.run(f"{name}_{'f32' if dtype == torch.float32 else 'f64'}", args, items, work)
-
-
-def _unit_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    t = t.to(dtype)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def scan_tokens(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -417,10 +403,10 @@ def scan_tokens(
         raise RuntimeError(f"the selective-scan kernel is not available: {build_error()}")
     dtype = u.dtype
     s, length, d = u.shape
-    u = _unit_last(u, dtype)
-    delta = delta.to(dtype) if dt_weight is not None else _unit_last(delta, dtype)
+    u = unit_stride_last(u, dtype)
+    delta = delta.to(dtype) if dt_weight is not None else unit_stride_last(delta, dtype)
     B, C = B.to(dtype), C.to(dtype)
-    z = None if z is None else _unit_last(z, dtype)
+    z = None if z is None else unit_stride_last(z, dtype)
     A = A.to(dtype).contiguous()
     D, dt_weight, dt_bias = (
         None if t is None else t.to(dtype).contiguous() for t in (D, dt_weight, dt_bias)
@@ -439,7 +425,7 @@ def scan_tokens(
         addr(y),
         int(reverse),
     )  # fmt: skip
-    _run("scan", dtype, args, s * -(-d // BLOCK), s * length * d * A.shape[1])
+    _LIBRARY.run("scan", dtype, args, s * -(-d // BLOCK), s * length * d * A.shape[1])
     return y
 
 
@@ -485,7 +471,7 @@ def scan_tokens_grad(
         *(addr(t) for t in (u, delta, A, B, C, D, z, grad)),
         *(addr(t) for t in (gu, gdelta, gA, gB, gC, gD, gz)),
     )  # fmt: skip
-    _run("scan_grad", dtype, args, s * blocks, 3 * s * length * d * n)
+    _LIBRARY.run("scan_grad", dtype, args, s * blocks, 3 * s * length * d * n)
     return (
         gu,
         gdelta,
@@ -503,7 +489,7 @@ def conv_silu(
     """``silu`` of Mamba's depthwise causal convolution of ``x`` ``[S, L, D]`` with
     ``weight`` ``[D, K]`` (anti-causal with ``reverse``). Returns ``[S, L, D]``."""
     dtype = x.dtype
-    x = _unit_last(x, dtype)
+    x = unit_stride_last(x, dtype)
     s, length, d = x.shape
     weight = weight.to(dtype).contiguous()
     bias = None if bias is None else bias.to(dtype).contiguous()
@@ -512,5 +498,5 @@ def conv_silu(
         length, d, weight.shape[1], addr(x), x.stride(0), x.stride(1),
         addr(weight), addr(bias), addr(out), int(reverse),
     )  # fmt: skip
-    _run("conv", dtype, args, s * -(-d // BLOCK), s * length * d)
+    _LIBRARY.run("conv", dtype, args, s * -(-d // BLOCK), s * length * d)
     return out

@@ -192,10 +192,6 @@ BACKENDS: dict[str, ScanFn] = {
 }
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -227,30 +223,17 @@ def selective_scan(
             raise ValueError(f"{name} must be [{bsz}, {n}, {length}], got {tuple(t.shape)}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
     if backend == "auto":
         backend = "kernel" if scan_kernel.supports(u, n) else "fused"
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    if backend == "kernel" and grad:
+    if backend == "kernel":
+        # one pass for the scan, D u and the gate, on the token-major layout of Mamba's
+        # projections (the transposes inside are views there)
         _check_kernel(u, n)
         return _KernelScan.apply(u, delta, A, B, C, D, z)
-    if backend == "kernel":
-        _check_kernel(u, n)
-        # one pass for the scan, D u and the gate, on the token-major layout of Mamba's
-        # projections (the transposes below are views there)
-        y = scan_kernel.scan_tokens(
-            u.transpose(1, 2),
-            delta.transpose(1, 2),
-            A,
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            D,
-            None if z is None else z.transpose(1, 2),
-        )
-        return y.transpose(1, 2)
     y = BACKENDS[backend](u, delta, A, B, C)
     if D is not None:
         y = y + D[:, None] * u

@@ -147,8 +147,9 @@ class FastEcapa(nn.Module):
     """Inference-only twin of an :class:`EcapaTDNN` in eval mode (same inputs and outputs).
 
     Raises ``NotImplementedError`` for configurations it does not cover (grouped
-    convolutions, activations other than ReLU, blocks that change width); use the
-    reference model for those.
+    convolutions, activations other than ReLU, blocks that change width, Res2Net groups
+    with different paddings); :class:`~attn_speech.ecapa.inference.Embedder` then keeps
+    the reference model.
     """
 
     def __init__(self, model: EcapaTDNN) -> None:

@@ -185,7 +185,8 @@ def attention(
     _check_inputs(q, k, v, attn_mask, key_lengths)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if backends.requested_backend(backend) == "torch":
+    requested = backends.requested_backend(backend)
+    if requested == "torch":
         chosen = "torch"
     else:
         why = triton_unsupported_reason(
@@ -204,7 +205,7 @@ def attention(
         return flash_attn_func(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths)
     if k.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
-    if backends.requested_backend(backend) == "auto" and q.device.type == "cpu":
+    if requested == "auto" and q.device.type == "cpu":
         why_not = cpu_attention.unsupported_reason(
             q, k, v, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p
         )

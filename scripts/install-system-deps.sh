@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the apps need at run or test time (espeak-ng synthesises the speech used
-# by the speech app's tests and demo). Installed when absent and running as root; otherwise
+# by the speech app's tests and demo; g++ builds the CPU kernels of core_attention.native on
+# first use, without which those paths fall back to PyTorch ops). Installed when absent and running as root; otherwise
 # a message says what to install. Never fails the install: the tests that need a missing
 # tool are skipped with the same message.
 set -uo pipefail
 
-debian_packages=(espeak-ng)
+debian_packages=(espeak-ng g++)
 
 missing=()
 for pkg in "${debian_packages[@]}"; do

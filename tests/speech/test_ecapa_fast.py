@@ -4,6 +4,10 @@ statistics pooling with the BatchNorm pending, whole networks on odd lengths and
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,12 +22,14 @@ from attn_speech.ecapa.time_conv import TimeConv, pad_time, reflect_edges
 from core_attention.layers.attentive_pooling import AttentiveStatisticsPooling
 
 
-@pytest.fixture(params=["onednn", "gemm"])
+@pytest.fixture(params=["onednn", "onednn-inner-product", "gemm"])
 def conv_path(request, monkeypatch):
     if request.param == "gemm":
         monkeypatch.setattr(time_conv, "ONEDNN", False)
     elif not time_conv.ONEDNN:
         pytest.skip("oneDNN not available")
+    elif request.param == "onednn-inner-product":  # every 1x1 layer, not only the large ones
+        monkeypatch.setattr(time_conv, "_INNER_PRODUCT_BYTES", 0)
     return request.param
 
 
@@ -59,6 +65,57 @@ def test_time_conv_equals_float64_conv(conv_path, cin, cout, k, d, t, relu):
     expected = expected.transpose(1, 2)
     expected = expected if relu else expected.relu()
     torch.testing.assert_close(flipped.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+_NO_REORDER_SCRIPT = """
+import torch, torch.nn.functional as F
+from attn_speech.ecapa.time_conv import TimeConv
+torch.set_num_threads(2)
+torch.manual_seed(0)
+# oneDNN blocks these layers' weights differently at different lengths (1536 -> 1536: by 48
+# at 400 frames, by 64 at 250)
+convs = [TimeConv(torch.randn(co, ci, k) * 0.02, torch.randn(co), d)
+         for ci, co, k, d in [(1536, 1536, 1, 1), (128, 1536, 1, 1), (64, 64, 3, 2)]]
+convs.append(TimeConv(convs[0].weight.clone(), convs[0].bias.clone()))  # same shape
+lengths = [90, 150, 250, 400, 460]
+with torch.inference_mode():
+    for rnd in (1, 2):
+        print(f"round {rnd}", flush=True)
+        for t in lengths:
+            for conv in convs:
+                x = torch.randn(1, t + 2 * conv.pad, conv.weight.shape[1])
+                y = conv(x)
+                w, b = conv.weight.double(), conv.bias.double()  # float64: not through oneDNN
+                ref = F.conv1d(x.double().transpose(1, 2), w, b, dilation=conv.dilation)
+                err = (y - ref.transpose(1, 2).relu()).abs().max().item()
+                assert err < 1e-3, err
+    print("layouts", [len(c._packed) for c in convs], flush=True)
+"""
+
+
+@pytest.mark.skipif(not time_conv.ONEDNN, reason="oneDNN not available")
+def test_onednn_weights_are_not_reordered_once_each_length_was_seen(tmp_path):
+    """Each layer keeps its weights in every blocked layout oneDNN asked for, so a length
+    seen before runs without converting weights (oneDNN's verbose log lists no reorder)."""
+    script = tmp_path / "layouts.py"
+    script.write_text(_NO_REORDER_SCRIPT)
+    env = dict(os.environ, ONEDNN_VERBOSE="1", OMP_NUM_THREADS="2")
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    first, second = out.split("round 2")
+    # a reorder's line ends with the dimensions it converted; weights are [C_out, C_in, 1, k]
+    weights = {",1536x1536x1x1,", ",1536x128x1x1,", ",64x64x1x3,"}
+
+    def weight_reorders(log):
+        lines = [line for line in log.splitlines() if ",reorder," in line]
+        return [line for line in lines if any(w in line for w in weights)]
+
+    assert weight_reorders(first)  # the log does list them, while packing
+    assert weight_reorders(second) == []
+    layouts = [int(n) for n in second.split("layouts [")[1].split("]")[0].split(",")]
+    assert max(layouts) >= 2  # the lengths did ask for several layouts
+    assert layouts[0] == layouts[-1]  # the layer of the same shape packed the same ones
 
 
 def test_reflection_padding_matches_reference_padding():

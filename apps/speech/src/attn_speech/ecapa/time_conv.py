@@ -1,11 +1,23 @@
 """Time-major 1-D convolutions for :mod:`attn_speech.ecapa.fast`.
 
 Activations are ``[B, T, C]`` (time-major). On the CPU a convolution is oneDNN's, with the
-weights reordered once into its blocked layout (as a ``1 x k`` 2-D kernel: oneDNN reorders
-only 2-D/3-D weights) and an optional ReLU post-op. With reordered weights oneDNN runs the
+weights reordered into its blocked layout (as a ``1 x k`` 2-D kernel: oneDNN reorders only
+2-D/3-D weights) and an optional ReLU post-op. With reordered weights oneDNN runs the
 convolution channels-last, which is the time-major layout: a ``[B, T, C]`` input is read in
 place and the output comes back ``[B, T, C]`` contiguous, so no layer transposes its input
 (a channels-first input would be copied into channels-last on every call).
+
+The blocked layout a oneDNN convolution wants depends on the input's shape and the thread
+count, not only on the weights: a 1536-channel 1x1 convolution blocks its output channels
+by 48 at 400 frames and by 64 at 250. Weights packed for another layout are converted on
+every call by oneDNN's generic reorder, tens of times slower than the convolution itself
+(a 1536-channel aggregation layer, C=512, ran at 6-60 GMAC/s instead of ~240 for most
+lengths). So each layer packs its weights once per layout, and which layout an input shape
+wants is learnt the first time the shape is seen (one reorder), for all layers of that
+weight shape at once. Large 1x1 weights (the C=1024 aggregation layer's 36 MiB), whose
+reorder costs more than a call, run as oneDNN's inner product instead: a matrix product
+over the ``B * T`` rows as fast as the convolution, whose one packing serves every number
+of rows.
 
 Elsewhere (other devices, no oneDNN) a ``k``-tap dilated convolution is ``k`` accumulated
 GEMMs over shifted row views of the padded input.
@@ -19,11 +31,22 @@ from torch import nn
 
 from attn_speech.ecapa.layers import reflect_index
 
-ONEDNN = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+ONEDNN = torch.backends.mkldnn.is_available() and all(
+    hasattr(torch.ops.mkldnn, op)
+    for op in (
+        "_convolution_pointwise",
+        "_reorder_convolution_weight",
+        "_linear_pointwise",
+        "_reorder_linear_weight",
+        "_get_mkldnn_serialized_md",
+    )
 )
+
+
+# (weight shape, dilation, dtype, batch, padded frames, threads) -> oneDNN's layout for it
+_LAYOUT_OF_PROBLEM: dict[tuple, bytes] = {}
+_MAX_PROBLEMS = 65536  # a few ints each; cleared when full (then learnt again)
+_INNER_PRODUCT_BYTES = 16 << 20  # 1x1 weights at least this large run as an inner product
 
 
 class TimeConv(nn.Module):
@@ -45,22 +68,44 @@ class TimeConv(nn.Module):
         self.relu = relu
         self.taps = weight.shape[-1]
         self.pad = dilation * (self.taps - 1) // 2
-        self._packed: tuple[torch.dtype, torch.Tensor] | None = None
+        size = self.weight.numel() * self.weight.element_size()
+        self.inner_product = self.taps == 1 and size >= _INNER_PRODUCT_BYTES
+        # (dtype, layout) -> packed weights (opaque oneDNN tensors, rebuilt on first use)
+        self._packed: dict[tuple, torch.Tensor] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_packed"] = None  # an opaque oneDNN tensor; rebuilt on first use
+        state["_packed"] = {}
         return state
 
-    def _onednn_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._packed is None or self._packed[0] != dtype:
-            w = self.weight.to(dtype)[:, :, None, :]
-            shape = [1, w.shape[1], 1, 400]  # a typical input; any length works
+    def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights in the blocked layout oneDNN picks for input ``x`` ``[B, T', C]``."""
+        if self.inner_product:
+            packed = self._packed.get((x.dtype, None))
+            if packed is None:
+                w = self.weight[:, :, 0].to(x.dtype)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
+                self._packed[(x.dtype, None)] = packed
+            return packed
+        problem = (self.weight.shape, self.dilation, x.dtype, x.shape[0], x.shape[1])
+        problem += (torch.get_num_threads(),)
+        layout = _LAYOUT_OF_PROBLEM.get(problem)
+        packed = self._packed.get((x.dtype, layout))
+        if packed is None:
             packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w, [0, 0], [1, 1], [1, self.dilation], 1, shape
+                self.weight.to(x.dtype)[:, :, None, :],
+                [0, 0],
+                [1, 1],
+                [1, self.dilation],
+                1,
+                [x.shape[0], x.shape[2], 1, x.shape[1]],
             )
-            self._packed = (dtype, packed)
-        return self._packed[1]
+            layout = torch.ops.mkldnn._get_mkldnn_serialized_md(packed).numpy().tobytes()
+            packed = self._packed.setdefault((x.dtype, layout), packed)
+            if len(_LAYOUT_OF_PROBLEM) >= _MAX_PROBLEMS:
+                _LAYOUT_OF_PROBLEM.clear()
+            _LAYOUT_OF_PROBLEM[problem] = layout
+        return packed
 
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, relu: bool | None = None
@@ -68,15 +113,19 @@ class TimeConv(nn.Module):
         bias = self.bias if bias is None else bias
         relu = self.relu if relu is None else relu
         if ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            weight = self._onednn_weight(x)
+            act = "relu" if relu else "none"
+            if self.inner_product:
+                return torch.ops.mkldnn._linear_pointwise(x, weight, bias.to(x.dtype), act, [], "")
             y = torch.ops.mkldnn._convolution_pointwise(
                 x.transpose(1, 2)[:, :, None, :],  # channels-last view, no copy
-                self._onednn_weight(x.dtype),
+                weight,
                 bias.to(x.dtype),
                 [0, 0],
                 [1, 1],
                 [1, self.dilation],
                 1,
-                "relu" if relu else "none",
+                act,
                 [],
                 "",
             )

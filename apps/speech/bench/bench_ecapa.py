@@ -9,6 +9,7 @@ each system's best time per file (or batch) summed over the files: the run least
 by other jobs, the usual estimate of a program's own time (``timeit``'s minimum).
 
     python apps/speech/bench/bench_ecapa.py [--channels 1024] [--threads 2] [--repeats 5]
+        [--seconds 2 8]
     OMP_NUM_THREADS=1 python apps/speech/bench/bench_ecapa.py --threads 1 --clock cpu
 """
 
@@ -57,6 +58,14 @@ def main() -> None:
     p.add_argument("--files", type=int, default=12, help="utterances per pass (default: 12)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per system (default: 5)")
     p.add_argument(
+        "--seconds",
+        type=float,
+        nargs=2,
+        default=(2.0, 8.0),
+        metavar=("SHORTEST", "LONGEST"),
+        help="utterance lengths, evenly spaced between the two (default: 2 8)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="also time the reference network under torch.compile (inductor with weight "
@@ -73,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(1)
-    seconds = torch.linspace(2.0, 8.0, args.files).tolist()
+    seconds = torch.linspace(*args.seconds, args.files).tolist()
     wavs = [0.1 * torch.randn(int(s * 16000), generator=gen) for s in seconds]
     total = sum(seconds)
 
@@ -145,7 +154,8 @@ def main() -> None:
     best = {k: sum(min(col) for col in zip(*v)) for k, v in unit_times.items()}
     speed = {k: total / statistics.median(v) for k, v in times.items()}
     print(
-        f"ECAPA-TDNN C={c}, {args.files} utterances of 2-8 s ({total:.0f} s of audio), "
+        f"ECAPA-TDNN C={c}, {args.files} utterances of {args.seconds[0]:g}-{args.seconds[1]:g} s "
+        f"({total:.0f} s of audio), "
         f"{args.threads} threads, {args.repeats} interleaved passes, {args.clock} clock"
     )
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}")

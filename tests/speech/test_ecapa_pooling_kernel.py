@@ -130,10 +130,49 @@ def test_strided_inputs_and_threads():
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("b", "frames", "c", "k"),
+    [(1, [37], 5, 3), (1, [130], 64, 128), (3, [101, 64, 1], 37, 7), (2, [33, 77], 70, 16)],
+)
+def test_scored_statistics_equal_float64_naive(dtype, b, frames, c, k):
+    """Scores computed inside the pass from h [B, T, K] and the packed scoring layer."""
+    t = max(frames)
+    u, _, a, shift = _inputs(b, t, c, dtype, seed=b * 100 + t + c + k)
+    g = torch.Generator().manual_seed(k)
+    wide = torch.randn(b, t, k + 5, generator=g, dtype=torch.float64).to(dtype)
+    h = wide[..., 2 : k + 2]  # a view: row stride K + 5
+    w = (torch.randn(c, k, generator=g, dtype=torch.float64) / k**0.5).to(dtype)
+    bias = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    scores = h.double() @ w.double().T + bias.double()
+    wt, padded = pooling_kernel.pack_scorer(w, bias)
+    lengths = torch.tensor(frames)
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = pooling_kernel.attentive_mean_std_scored(h, wt, padded, u, a, shift, EPS, lengths)
+        finally:
+            torch.set_num_threads(previous)
+        assert got.shape == (b, 2 * c) and got.dtype == dtype
+        atol, rtol = TOLERANCE[dtype]
+        expected = _naive(u, scores, a, shift, frames)
+        torch.testing.assert_close(got.double(), expected, atol=5 * atol, rtol=5 * rtol)
+
+
 def test_rejects_mismatched_shapes():
     u = torch.rand(1, 10, 4)
     with pytest.raises(ValueError, match="scores"):
         pooling_kernel.attentive_mean_std(u[:, :9], u, torch.ones(4), torch.zeros(4), EPS)
+    wt, bias = pooling_kernel.pack_scorer(torch.rand(4, 3), torch.rand(4))
+    with pytest.raises(ValueError, match="h"):
+        pooling_kernel.attentive_mean_std_scored(
+            torch.rand(1, 9, 3), wt, bias, u, torch.ones(4), torch.zeros(4), EPS
+        )
+    with pytest.raises(ValueError, match="pack_scorer"):
+        pooling_kernel.attentive_mean_std_scored(
+            torch.rand(1, 10, 3), wt[:, :8], bias[:8], u, torch.ones(4), torch.zeros(4), EPS
+        )
 
 
 def _randomised_pooling(c, global_context):

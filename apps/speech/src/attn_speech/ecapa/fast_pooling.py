@@ -15,8 +15,10 @@ applied):
   size 1 per channel;
 * on the CPU in float32/float64 both statistics (the global context's and the pooled
   output's) come from one pass of the compiled kernel of
-  :mod:`attn_speech.ecapa.pooling_kernel`; elsewhere (no compiler, bfloat16, other
-  devices) from PyTorch operations.
+  :mod:`attn_speech.ecapa.pooling_kernel` each, and the scoring convolution runs inside
+  the second pass, tile by tile, so the ``[B, T, C]`` scores are never written to memory
+  (writing and reading them back cost more than computing them); elsewhere (no
+  compiler, bfloat16, other devices) from PyTorch operations.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class FastAttentivePooling(nn.Module):
         score = asp.conv.conv
         score_bias = score.bias if score.bias is not None else score.weight.new_zeros(c)
         self.scores = TimeConv(score.weight.detach(), score_bias.detach(), relu=False)
+        wt, padded_bias = pooling_kernel.pack_scorer(score.weight[..., 0].detach(), score_bias)
+        self.register_buffer("score_wt", wt.detach().clone())
+        self.register_buffer("score_bias", padded_bias.detach().clone())
 
     def forward(self, u: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = u.shape
@@ -82,10 +87,11 @@ class FastAttentivePooling(nn.Module):
             h = self.hidden(u, torch.zeros_like(context[0]), relu=False)
             h = h.add_(context[:, None]).relu_()
         h = torch.addcmul(self.hidden_b, h, self.hidden_a).tanh_()
-        scores = self.scores(h)
         if kernel:
-            return pooling_kernel.attentive_mean_std(scores, u, self.a, self.b, self.eps, frames)
-        return self._attentive_mean_std(scores, u, valid)
+            return pooling_kernel.attentive_mean_std_scored(
+                h, self.score_wt, self.score_bias, u, self.a, self.b, self.eps, frames
+            )
+        return self._attentive_mean_std(self.scores(h), u, valid)
 
     def _mean_std(self, u, frames, valid):
         """PyTorch path: ``[mean; std]`` of ``x`` over the valid frames, ``[B, 2C]``."""

@@ -37,7 +37,16 @@ import torch
 
 from core_attention.native import BLOCK, NativeLibrary, addr, tracing, unit_stride_last
 
-__all__ = ["attentive_mean_std", "available", "build_error", "mean_std", "supports"]
+__all__ = [
+    "attentive_mean_std",
+    "attentive_mean_std_scored",
+    "available",
+    "build_error",
+    "mean_std",
+    "pack_scorer",
+    "padded_width",
+    "supports",
+]
 
 _SOURCE = r"""
 extern "C" {
@@ -45,7 +54,9 @@ extern "C" {
 // Weighted statistics over the first frames[i] (all T when frames is null) rows of u
 // [B, T, C] (unit stride along C): weights softmax over time of scores [B, T, C] per
 // channel, or uniform when scores is null. out [B, 2C] = [a m + b, sqrt(max(a^2 v, eps))]
-// with m, v the weighted mean and variance of u.
+// with m, v the weighted mean and variance of u. The scored kernel computes the scores
+// itself, scores[t, c] = sum_k h[t, k] wt[k, c] + bias[c], from h [B, T, K] (unit stride
+// along K); wt [K, ws] and bias [ws] are zero beyond C, with ws >= C + 48 (whole groups).
 struct StatsArgs {
     int64_t T, C;
     const void* u; int64_t us, ut;
@@ -54,6 +65,9 @@ struct StatsArgs {
     const void* a; const void* b;
     double eps;
     void* out;
+    const void* h; int64_t hs, ht, K;
+    const void* wt; int64_t ws;
+    const void* bias;
 };
 
 }
@@ -133,28 +147,70 @@ struct Block {
 // Items (blocks of 16 channels of one batch row) are taken GROUP adjacent blocks at a time,
 // chunk by chunk, so that each row is read 256 contiguous bytes at a time, not 64.
 constexpr int64_t GROUP = 4;
+constexpr int64_t TILE_ROWS = 4;  // x GROUP vectors: 16 accumulators in registers
 
-template <typename T, typename V, bool SOFTMAX>
+// The scores of rows [0, rows) x GROUP blocks: out[r * GROUP * BLOCK + c] for c < GROUP
+// BLOCK, from h rows (stride ht, K columns), wt (row stride ws) and bias, all at the group's
+// first channel.
+template <typename T, typename V>
+void score_tile(const T* h, int64_t ht, int64_t K, const T* wt, int64_t ws, const T* bias,
+                int64_t rows, T* out) {
+    for (int64_t r = 0; r < rows; r += TILE_ROWS) {
+        const T* hr[TILE_ROWS];
+        for (int q = 0; q < TILE_ROWS; ++q)  // a short last tile repeats its last row
+            hr[q] = h + (r + q < rows ? r + q : rows - 1) * ht;
+        V acc[TILE_ROWS][GROUP];
+        for (int j = 0; j < GROUP; ++j) {
+            const V b0 = load<V>(bias + j * BLOCK, BLOCK);
+            for (int q = 0; q < TILE_ROWS; ++q) acc[q][j] = b0;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            V w[GROUP];
+            for (int j = 0; j < GROUP; ++j) w[j] = load<V>(wt + k * ws + j * BLOCK, BLOCK);
+            for (int q = 0; q < TILE_ROWS; ++q) {
+                const T x = hr[q][k];
+                for (int j = 0; j < GROUP; ++j) acc[q][j] += x * w[j];
+            }
+        }
+        for (int q = 0; q < TILE_ROWS && r + q < rows; ++q)
+            for (int j = 0; j < GROUP; ++j)
+                store(out + (r + q) * GROUP * BLOCK + j * BLOCK, acc[q][j], BLOCK);
+    }
+}
+
+// MODE: UNIFORM weights, given SCORES, or scores COMPUTED from h (SCORED).
+enum Mode { UNIFORM, SCORES, SCORED };
+
+template <typename T, typename V, Mode MODE>
 void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
+    constexpr bool SOFTMAX = MODE != UNIFORM;
     const int64_t C = a.C, blocks = (C + BLOCK - 1) / BLOCK;
     Block<T, V, SOFTMAX> stats[GROUP];
+    alignas(64) T tile[MODE == SCORED ? CHUNK * GROUP * BLOCK : 1];
     for (int64_t g0 = item0; g0 < item1;) {
         const int64_t i = g0 / blocks, first = g0 % blocks;
         int64_t g1 = g0 + GROUP < item1 ? g0 + GROUP : item1;
         g1 = g1 < (i + 1) * blocks ? g1 : (i + 1) * blocks;
         const int64_t n = a.frames ? a.frames[i] : a.T;
         const T* u = (const T*)a.u + i * a.us;
-        const T* s = SOFTMAX ? (const T*)a.scores + i * a.ss : nullptr;
+        const T* s = MODE == SCORES ? (const T*)a.scores + i * a.ss : nullptr;
         for (int64_t t0 = 0; t0 < n; t0 += CHUNK) {
             const int64_t rows = n - t0 < CHUNK ? n - t0 : CHUNK;
+            if (MODE == SCORED) {
+                const int64_t c0 = first * BLOCK;
+                score_tile<T, V>((const T*)a.h + i * a.hs + t0 * a.ht, a.ht, a.K,
+                                 (const T*)a.wt + c0, a.ws, (const T*)a.bias + c0, rows, tile);
+            }
             for (int64_t j = 0; j < g1 - g0; ++j) {
                 const int64_t c0 = (first + j) * BLOCK, w = C - c0 < BLOCK ? C - c0 : BLOCK;
                 const T* uc = u + t0 * a.ut + c0;
-                const T* sc = SOFTMAX ? s + t0 * a.st + c0 : nullptr;
+                const T* sc = MODE == SCORES ? s + t0 * a.st + c0
+                            : MODE == SCORED ? tile + j * BLOCK : nullptr;
+                const int64_t st = MODE == SCORED ? GROUP * BLOCK : a.st;
                 if (w == BLOCK)
-                    stats[j].template add<true>(uc, a.ut, sc, a.st, rows, w, t0 == 0);
+                    stats[j].template add<true>(uc, a.ut, sc, st, rows, w, t0 == 0);
                 else
-                    stats[j].template add<false>(uc, a.ut, sc, a.st, rows, w, t0 == 0);
+                    stats[j].template add<false>(uc, a.ut, sc, st, rows, w, t0 == 0);
             }
         }
         for (int64_t j = 0; j < g1 - g0; ++j) {
@@ -177,16 +233,22 @@ void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
 
 extern "C" {
 void mean_std_f32(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<float, vf, false>);
+    parallel(a, items, threads, stats_items<float, vf, UNIFORM>);
 }
 void mean_std_f64(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<double, vd, false>);
+    parallel(a, items, threads, stats_items<double, vd, UNIFORM>);
 }
 void attentive_f32(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<float, vf, true>);
+    parallel(a, items, threads, stats_items<float, vf, SCORES>);
 }
 void attentive_f64(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<double, vd, true>);
+    parallel(a, items, threads, stats_items<double, vd, SCORES>);
+}
+void attentive_scored_f32(const StatsArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, stats_items<float, vf, SCORED>);
+}
+void attentive_scored_f64(const StatsArgs* a, int64_t items, int64_t threads) {
+    parallel(a, items, threads, stats_items<double, vd, SCORED>);
 }
 }
 """
@@ -203,13 +265,16 @@ class _StatsArgs(ctypes.Structure):
         ("a", _ptr), ("b", _ptr),
         ("eps", ctypes.c_double),
         ("out", _ptr),
+        ("h", _ptr), ("hs", _i64), ("ht", _i64), ("K", _i64),
+        ("wt", _ptr), ("ws", _i64),
+        ("bias", _ptr),
     ]  # fmt: skip
 
 
 _LIBRARY = NativeLibrary(
     "attentive_pooling",
     _SOURCE,
-    {"mean_std": _StatsArgs, "attentive": _StatsArgs},
+    {"mean_std": _StatsArgs, "attentive": _StatsArgs, "attentive_scored": _StatsArgs},
 )
 
 
@@ -241,6 +306,7 @@ def _statistics(
     b: torch.Tensor,
     eps: float,
     frames: torch.Tensor | None,
+    scorer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     if not available():
         raise RuntimeError(f"the attentive pooling kernel is not available: {build_error()}")
@@ -253,6 +319,14 @@ def _statistics(
         if scores.shape != u.shape:
             raise ValueError(f"scores {tuple(scores.shape)} and u {tuple(u.shape)} differ")
         scores = unit_stride_last(scores, dtype)
+    h, wt, bias = scorer if scorer is not None else (None, None, None)
+    if scorer is not None:
+        if h.shape[:2] != u.shape[:2] or wt.shape[0] != h.shape[2]:
+            raise ValueError(f"h {tuple(h.shape)}, wt {tuple(wt.shape)} and u {tuple(u.shape)}")
+        if wt.shape[1] < padded_width(c) or bias.shape != wt.shape[1:]:
+            raise ValueError(f"wt {tuple(wt.shape)}, bias {tuple(bias.shape)}: see pack_scorer")
+        h = unit_stride_last(h, dtype)
+        wt, bias = wt.to(dtype).contiguous(), bias.to(dtype).contiguous()
     if frames is not None:
         frames = frames.to(torch.int64).clamp(1, t).contiguous()
     a, b = (v.to(dtype).contiguous() for v in (a, b))
@@ -265,8 +339,12 @@ def _statistics(
         addr(a), addr(b),
         float(eps),
         addr(out),
+        addr(h), *(h.stride()[:2] if h is not None else (0, 0)), h.shape[2] if h is not None else 0,
+        addr(wt), wt.shape[1] if wt is not None else 0,
+        addr(bias),
     )  # fmt: skip
-    _LIBRARY.run(name, dtype, args, batch * -(-c // BLOCK), batch * t * c)
+    k = h.shape[2] if h is not None else 0
+    _LIBRARY.run(name, dtype, args, batch * -(-c // BLOCK), batch * t * c * (1 + k // 8))
     return out
 
 
@@ -294,3 +372,37 @@ def attentive_mean_std(
     ``softmax_t(scores)`` (each batch row over its first ``frames`` frames):
     ``scores``, ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
     return _statistics("attentive", u, scores, a, b, eps, frames)
+
+
+def padded_width(channels: int) -> int:
+    """Columns of :func:`pack_scorer`'s weights for ``channels`` scores: whole 16-channel
+    blocks plus three, so that a group of four blocks may start at any block."""
+    return -(-channels // BLOCK) * BLOCK + 3 * BLOCK
+
+
+def pack_scorer(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scoring layer ``scores = h W^T + bias`` (``W`` ``[C, K]``, ``bias`` ``[C]``) as the
+    zero-padded ``wt`` ``[K, padded_width(C)]`` and ``bias`` ``[padded_width(C)]`` that
+    :func:`attentive_mean_std_scored` reads."""
+    c, k = weight.shape
+    wt = weight.new_zeros(k, padded_width(c))
+    wt[:, :c] = weight.T
+    padded = bias.new_zeros(padded_width(c))
+    padded[:c] = bias
+    return wt, padded
+
+
+def attentive_mean_std_scored(
+    h: torch.Tensor,
+    wt: torch.Tensor,
+    bias: torch.Tensor,
+    u: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    frames: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`attentive_mean_std` with the scores ``h W^T + bias`` computed in the same pass,
+    32 frames x 64 channels at a time, never written out: ``h`` ``[B, T, K]``, ``wt``,
+    ``bias`` from :func:`pack_scorer`, ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
+    return _statistics("attentive_scored", u, None, a, b, eps, frames, (h, wt, bias))

@@ -14,7 +14,11 @@ activations:
 * each Res2Net group is written straight into the padded buffer its dilated convolution
   reads (only the reflected edge rows are copied), and the groups' outputs over the columns
   of the first TDNN's output they were computed from, which is then the concatenation the
-  next TDNN reads, so no concatenation or padding copies;
+  next TDNN reads, so no concatenation or padding copies; on the CPU in float32/float64 the
+  work between two groups' convolutions (the BatchNorm, the next group's input, its
+  reflected edges) is one pass of the compiled kernel of
+  :mod:`attn_speech.ecapa.res2net_kernel`, elsewhere (no compiler, bfloat16, other devices)
+  PyTorch operations;
 * attentive statistics pooling reads the aggregation's output with its BatchNorm still
   pending and runs the per-channel softmax directly
   (:mod:`attn_speech.ecapa.fast_pooling`); the final BatchNorm is folded into the embedding
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attn_speech.ecapa import res2net_kernel
 from attn_speech.ecapa.fast_pooling import FastAttentivePooling
 from attn_speech.ecapa.layers import BatchNorm1d, Conv1d, SERes2NetBlock, TDNNBlock
 from attn_speech.ecapa.lengths import frames_from_relative
@@ -105,25 +110,12 @@ class _FastBlock(nn.Module):
         block output into ``out`` ``[B, T, C]`` (may be a view) and returns it."""
         u1 = self.tdnn1(x)
         b, t, _ = u1.shape
-        w = self.width
-        y = None
         p = self.groups[0].pad
-        buf = u1.new_empty(b, t + 2 * p, w)  # each group's padded input, in turn
-        inner = buf[:, p : p + t] if frames is None else u1.new_empty(b, t, w)
-        for i, conv in enumerate(self.groups, start=1):
-            cols = slice(i * w, (i + 1) * w)
-            if y is None:
-                inner.copy_(u1[..., cols])
-            else:
-                torch.addcmul(y, u1[..., cols], self.a1[cols], out=inner)
-            if frames is None:
-                reflect_edges(buf, p)
-            else:
-                pad_time(inner, p, frames, out=buf)
-            a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
-            # group i's output replaces the columns it was computed from: u1 becomes the
-            # Res2Net concatenation (its first group passes through unchanged)
-            y = torch.addcmul(c, conv(buf), a, out=u1[..., cols])
+        buf = u1.new_empty(b, t + 2 * p, self.width)  # each group's padded input, in turn
+        if res2net_kernel.supports(u1):
+            self._res2net_compiled(u1, buf, frames)
+        else:
+            self._res2net(u1, buf, frames)
         u2 = self.tdnn2(u1)
         if mask is None:
             m = u2.mean(dim=1)
@@ -141,6 +133,39 @@ class _FastBlock(nn.Module):
             torch.addcmul(shift, u2, gain, out=out)
             out.add_(x)
         return out
+
+    def _res2net(self, u1, buf, frames):
+        """The Res2Net groups in place: group ``i``'s output replaces the columns of ``u1``
+        it was computed from, so ``u1`` becomes the Res2Net concatenation (its first group
+        passes through unchanged)."""
+        b, t, w = u1.shape[0], u1.shape[1], self.width
+        p = (buf.shape[1] - t) // 2
+        y = None
+        inner = buf[:, p : p + t] if frames is None else u1.new_empty(b, t, w)
+        for i, conv in enumerate(self.groups, start=1):
+            cols = slice(i * w, (i + 1) * w)
+            if y is None:
+                inner.copy_(u1[..., cols])
+            else:
+                torch.addcmul(y, u1[..., cols], self.a1[cols], out=inner)
+            if frames is None:
+                reflect_edges(buf, p)
+            else:
+                pad_time(inner, p, frames, out=buf)
+            a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
+            y = torch.addcmul(c, conv(buf), a, out=u1[..., cols])
+
+    def _res2net_compiled(self, u1, buf, frames):
+        """:meth:`_res2net` with the element-wise work between two groups' convolutions (the
+        BatchNorm, the next group's input, its reflected edges) one pass of
+        :meth:`attn_speech.ecapa.res2net_kernel.Res2NetGlue.step`."""
+        w, n = self.width, len(self.groups)
+        glue = res2net_kernel.Res2NetGlue(u1, buf, self.a1, frames)
+        glue.pad_input(w)
+        for i, conv in enumerate(self.groups, start=1):
+            a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
+            # buf is free once conv has read it: the next group's input goes there
+            glue.step(i * w, conv(buf), a, c, next_input=i < n)
 
 
 class FastEcapa(nn.Module):

@@ -270,6 +270,7 @@ class NativeLibrary:
         self._lib: ctypes.CDLL | None = None
         self._error: str | None = None
         self._loaded = False
+        self._functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
 
     def _load(self) -> ctypes.CDLL | None:
         with self._lock:
@@ -301,18 +302,30 @@ class NativeLibrary:
         return self._error
 
     def run(
-        self, kernel: str, dtype: torch.dtype, args: ctypes.Structure, items: int, work: int
+        self,
+        kernel: str,
+        dtype: torch.dtype,
+        args: ctypes.Structure,
+        items: int,
+        work: int,
+        min_shared_work: int = 1 << 16,
     ) -> None:
         """Call ``<kernel>_f32`` or ``_f64`` (by ``dtype``) as ``f(&args, items, threads)`` on
         ``torch.get_num_threads()`` threads, one when ``work`` (a count of inner-loop
-        operations) is too small to share."""
-        lib = self._load()
-        if lib is None:
-            raise RuntimeError(f"the {self.name} kernels are not available: {self._error}")
-        threads = 1 if work < 1 << 16 else max(1, min(torch.get_num_threads(), items))
-        fn_name = f"{kernel}_{_SUFFIX[dtype]}"
-        with torch.profiler.record_function(f"{self.name}::{fn_name}"):
-            getattr(lib, fn_name)(ctypes.byref(args), items, threads)
+        operations) is below ``min_shared_work``. Labelled ``<name>::<kernel>_<suffix>`` for
+        :mod:`torch.profiler` while one records (the label costs several microseconds)."""
+        fn = self._functions.get((kernel, dtype))
+        if fn is None:
+            lib = self._load()
+            if lib is None:
+                raise RuntimeError(f"the {self.name} kernels are not available: {self._error}")
+            fn = self._functions[(kernel, dtype)] = getattr(lib, f"{kernel}_{_SUFFIX[dtype]}")
+        threads = 1 if work < min_shared_work else max(1, min(torch.get_num_threads(), items))
+        if torch._C._autograd._profiler_enabled():
+            with torch.profiler.record_function(f"{self.name}::{kernel}_{_SUFFIX[dtype]}"):
+                fn(ctypes.byref(args), items, threads)
+        else:
+            fn(ctypes.byref(args), items, threads)
 
 
 def addr(t: torch.Tensor | None) -> int | None:

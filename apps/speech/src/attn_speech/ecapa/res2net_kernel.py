@@ -32,14 +32,11 @@ hardware prefetchers' reach, so the kernel prefetches the rows four ahead.
 Thread ``k`` of ``n`` takes the ``k``-th of ``n`` equal runs of items, rows in order: the
 split oneDNN's convolutions and PyTorch's element-wise operations make of ``[B, T, W]`` rows,
 so each core reads the rows of ``r`` its convolution thread just wrote and writes the rows of
-``buf`` and ``u`` it will read next, in its own cache. On one thread the kernel saved less
-than it cost the neighbouring layers (5 s of audio at ``C = 1024``, two threads: the
-Res2Net part no faster, the network 0.1-0.3 ms slower); with the split the Res2Net part is
-about 0.4 ms faster. The pass itself (over ``r``, ``buf`` and two ``W``-column strips of
+``buf`` and ``u`` it will read next, in its own cache (on one thread, the next convolution
+fetched half its input from the other core's cache and lost what the pass saved). The pass
+itself (over ``r``, ``buf`` and two ``W``-column strips of
 ``u``) takes about 10 us at ``T = 500``, ``W = 128``; its Python side is kept to a few
-microseconds a group (:class:`Res2NetGlue` checks the tensors once per call of the block,
-and the profiler label of :meth:`~core_attention.native.NativeLibrary.run`, several
-microseconds, is only added while a profiler records).
+microseconds a group (:class:`Res2NetGlue` checks the tensors once per call of the block).
 
 The C++ source is compiled on first use by :class:`core_attention.native.NativeLibrary`;
 :func:`available` is False where there is no compiler or the build fails, and callers then
@@ -215,8 +212,7 @@ class _StepArgs(ctypes.Structure):
 
 
 _LIBRARY = NativeLibrary("res2net_glue", _SOURCE, {"step": _StepArgs})
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_FUNCTIONS: dict[torch.dtype, object] = {}  # dtype -> the loaded step_f32 / step_f64
+_DTYPES = (torch.float32, torch.float64)
 
 
 def available() -> bool:
@@ -237,16 +233,6 @@ def supports(u: torch.Tensor) -> bool:
         and not tracing(u)
         and available()
     )
-
-
-def _function(dtype: torch.dtype):
-    fn = _FUNCTIONS.get(dtype)
-    if fn is None:
-        lib = _LIBRARY._load()
-        if lib is None:
-            raise RuntimeError(f"the Res2Net kernel is not available: {build_error()}")
-        fn = _FUNCTIONS[dtype] = getattr(lib, f"step_{_SUFFIX[dtype]}")
-    return fn
 
 
 def _vector(v: torch.Tensor, dtype: torch.dtype, size: int, name: str) -> torch.Tensor:
@@ -271,7 +257,7 @@ class Res2NetGlue:
         frames: torch.Tensor | None = None,
     ) -> None:
         dtype = u.dtype
-        if dtype not in _SUFFIX or not u.is_cpu:
+        if dtype not in _DTYPES or not u.is_cpu:
             raise ValueError(f"u must be float32 or float64 on the CPU, got {dtype} {u.device}")
         batch, t, c = u.shape
         width = buf.shape[-1]
@@ -300,19 +286,15 @@ class Res2NetGlue:
         )  # fmt: skip
         rows = t + 2 * pad
         self._items, self._work = batch * -(-rows // _ROWS), batch * rows * width
-        threads = max(1, min(torch.get_num_threads(), self._items))
-        self._threads = 1 if self._work < _SHARED_WORK else threads
-        self._fn = _function(dtype)
+        if not available():
+            raise RuntimeError(f"the Res2Net kernel is not available: {build_error()}")
 
     def _columns(self, col: int, count: int) -> None:
         if col < 0 or col + count * self.shape[2] > self.columns:
             raise ValueError(f"columns {col} + {count} x {self.shape[2]} of u's {self.columns}")
 
     def _call(self) -> None:
-        if torch._C._autograd._profiler_enabled():  # labelled for the profiler
-            _LIBRARY.run("step", self.dtype, self._args, self._items, self._work)
-        else:  # the label costs several microseconds, a third of the kernel's own time here
-            self._fn(ctypes.byref(self._args), self._items, self._threads)
+        _LIBRARY.run("step", self.dtype, self._args, self._items, self._work, _SHARED_WORK)
 
     def pad_input(self, col: int) -> None:
         """``buf`` = ``u[..., col : col + W]`` reflection padded (each item at its own last

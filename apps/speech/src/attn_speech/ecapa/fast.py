@@ -217,10 +217,8 @@ class FastEcapa(nn.Module):
         n = len(self.blocks)
         agg = h.new_empty(b, t, self.width * n)
         for i, block in enumerate(self.blocks):
-            view = agg[..., i * self.width : (i + 1) * self.width]
-            out = view if i == n - 1 else torch.empty_like(h)
-            h = block(h, out, frames, mask)
-            if i < n - 1:
-                view.copy_(h)
+            # each block writes its columns of the aggregation's input; the next block reads
+            # them there (oneDNN takes the row stride as it is)
+            h = block(h, agg[..., i * self.width : (i + 1) * self.width], frames, mask)
         pooled = self.asp(self.mfa(agg), frames)
         return F.linear(pooled.to(self.fc_w.dtype), self.fc_w, self.fc_b)[:, None, :]

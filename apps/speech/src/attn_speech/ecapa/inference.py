@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from attn_speech.audio import AudioError, load_audio
 from attn_speech.ecapa.fast import FastEcapa
 from attn_speech.ecapa.speaker import EcapaSpeaker
+from core_attention.cpu_memory import keep_freed_memory
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -59,6 +60,9 @@ class Embedder:
     model's to float32 rounding. ``precision="bf16"`` runs the network (not the features)
     in bfloat16: about twice the CPU throughput where the CPU has bf16 instructions
     (AVX512-BF16, AMX), embeddings within a cosine of about 1e-5 of float32's.
+    On the CPU it calls :func:`core_attention.cpu_memory.keep_freed_memory` (a
+    process-wide glibc setting), so that the network's activation buffers are reused from
+    call to call instead of being faulted in afresh.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class Embedder:
             net = copy.deepcopy(net).to(self.dtype)  # the model itself stays float32
         self.net = net
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.batch_size = max(1, batch_size)
         self.batch_seconds = batch_seconds
         self.normalize = normalize

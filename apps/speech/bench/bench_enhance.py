@@ -10,12 +10,9 @@ backend in ``--backends`` and repeat, the backends interleaved so that their rat
 machine; ``--clock cpu`` counts the process's CPU time, which other jobs do not inflate
 (meaningful at one thread). ``auto`` is the compiled kernel path of
 :mod:`attn_speech.enhance.scan_kernel` where it builds; its one-off build is reported.
-Like ``attn-speech enhance run``, the process keeps freed memory for reuse
-(:func:`core_attention.cpu_memory.keep_freed_memory` with ``large_blocks``; without it
-glibc maps every block above 32 MiB afresh, over a million page faults per 10 s of audio);
-``--no-keep-freed-memory`` measures without. On a machine that other jobs load, OpenMP
-threads spinning at barriers make two threads far slower than one (every parallel op waits
-for a descheduled thread); ``OMP_WAIT_POLICY=passive`` avoids most of that.
+On a machine that other jobs load, OpenMP threads spinning at barriers make two threads
+far slower than one (every parallel op waits for a descheduled thread);
+``OMP_WAIT_POLICY=passive`` avoids most of that.
 
 The scan part times every backend of :data:`~attn_speech.enhance.selective_scan.BACKENDS`
 on the shapes of the time-axis Mamba (Gu & Dao 2023) of one 4 s chunk (best of
@@ -34,7 +31,6 @@ from attn_speech.enhance import scan_kernel
 from attn_speech.enhance.inference import enhance_waveform
 from attn_speech.enhance.model import MambAttention
 from attn_speech.enhance.selective_scan import BACKENDS, selective_scan
-from core_attention.cpu_memory import keep_freed_memory
 
 
 def main() -> None:
@@ -50,15 +46,8 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=2, help="passes per backend (default: 2)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-    p.add_argument(
-        "--no-keep-freed-memory",
-        action="store_true",
-        help="leave glibc's malloc settings as they are (the library's default)",
-    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not args.no_keep_freed_memory:
-        keep_freed_memory(large_blocks=True)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     start = time.perf_counter()

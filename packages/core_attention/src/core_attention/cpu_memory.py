@@ -10,13 +10,8 @@ the call on two cores.
 
 :func:`keep_freed_memory` sets both thresholds to glibc's own ceiling for the dynamic
 threshold (32 MiB for mapping, 64 MiB for trimming), so blocks below 32 MiB come from the
-heap and at most 64 MiB of freed heap stays with the process for the next call. With
-``large_blocks=True`` it also serves larger blocks from the heap (glibc maps every block
-above 32 MiB otherwise) and keeps up to 4 GiB of freed heap: for networks whose activations
-are larger (MambAttention on 4 s chunks: over a million page faults per 10 s of audio), at
-the price of the process holding on to its peak memory. These are process-wide settings
-(``mallopt``), meant for the processes that run the networks (the command-line tools); they
-do nothing where the C library is not glibc.
+heap and at most 64 MiB of freed heap stays with the process for the next call. It is a
+process-wide setting (``mallopt``); it does nothing where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -30,33 +25,24 @@ __all__ = ["keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
-_M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
-LARGE_TRIM_THRESHOLD = 4 << 30
 
 _lock = threading.Lock()
-_level = -1  # -1: not tried; 0: not glibc (or refused); 1: blocks < 32 MiB; 2: all blocks
+_done: bool | None = None
 
 
-def keep_freed_memory(large_blocks: bool = False) -> bool:
-    """Have glibc keep freed heap blocks for reuse (see the module docstring): those below
-    32 MiB, or with ``large_blocks`` all of them. Returns whether the setting is in force;
-    a second call never weakens an earlier one."""
-    global _level
-    want = 2 if large_blocks else 1
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed blocks below 32 MiB in the heap for reuse (see the module
+    docstring). Returns whether the setting is in force; called again, it does nothing."""
+    global _done
     with _lock:
-        if _level == 0 or _level >= want:
-            return _level >= want
-        if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-            _level = 0
-            return False
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        settings = [(_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
-        if large_blocks:
-            settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, LARGE_TRIM_THRESHOLD)]
-        if all(libc.mallopt(param, value) for param, value in settings):
-            _level = want
-        elif _level < 0:
-            _level = 0
-        return _level >= want
+        if _done is None:
+            _done = False
+            if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _done = bool(
+                    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                )
+        return _done

@@ -38,7 +38,6 @@ def _inputs(paths: list[str], out: Path) -> list[tuple[Path, Path]]:
 def cmd_run(args: argparse.Namespace) -> int:
     from attn_speech.enhance.inference import enhance_file
     from attn_speech.enhance.model import MambAttention
-    from core_attention.cpu_memory import keep_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,8 +49,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {args.model}: no model folder (config.json missing)", file=sys.stderr)
         return 2
     model = MambAttention.from_pretrained(path).eval().to(args.device)
-    if torch.device(args.device).type == "cpu":
-        keep_freed_memory(large_blocks=True)  # activations of 4 s chunks exceed 32 MiB
     jobs = _inputs(args.inputs, Path(args.output))
     if not jobs:
         print("error: no audio files in the inputs", file=sys.stderr)

@@ -66,6 +66,12 @@ def main() -> None:
         help="utterance lengths, evenly spaced between the two (default: 2 8)",
     )
     p.add_argument(
+        "--per-file",
+        action="store_true",
+        help="also print each utterance's best time, one file at a time, for SpeechBrain and "
+        "FastEcapa fp32",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="also time the reference network under torch.compile (inductor with weight "
@@ -150,6 +156,14 @@ def main() -> None:
                     row.append(clock() - start)
                 unit_times[name].append(row)
 
+    if args.per_file:
+        base = [min(col) for col in zip(*unit_times["SpeechBrain, one file at a time"])]
+        ours_best = [min(col) for col in zip(*unit_times["attn-speech fast, one file at a time"])]
+        print("| utterance | SpeechBrain | attn-speech fast | speed-up |\n|---:|---:|---:|---:|")
+        for length, sb_t, fast_t in zip(seconds, base, ours_best):
+            cells = f"{length:.2f} s | {sb_t * 1e3:.1f} ms | {fast_t * 1e3:.1f} ms"
+            print(f"| {cells} | {sb_t / fast_t:.2f}x |")
+        print()
     times = {k: [sum(row) for row in v] for k, v in unit_times.items()}
     best = {k: sum(min(col) for col in zip(*v)) for k, v in unit_times.items()}
     speed = {k: total / statistics.median(v) for k, v in times.items()}

@@ -142,3 +142,18 @@ def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def random_batchnorm():
+    """``random_batchnorm(model)``: :func:`randomise_batchnorm` with a seed drawn from
+    torch's global generator (so a test's ``torch.manual_seed`` fixes it); returns
+    ``model``, so that folded BatchNorms are tested with more than the identity."""
+
+    def randomise(model: torch.nn.Module) -> torch.nn.Module:
+        seed = int(torch.randint(2**31 - 1, ()))
+        with torch.no_grad():
+            randomise_batchnorm(model, torch.Generator().manual_seed(seed))
+        return model
+
+    return randomise

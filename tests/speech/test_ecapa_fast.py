@@ -33,16 +33,6 @@ def conv_path(request, monkeypatch):
     return request.param
 
 
-def _randomise_batchnorm(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-
-
 @pytest.mark.parametrize(("cin", "cout", "k", "d", "t"), [(7, 5, 1, 1, 13), (9, 6, 3, 3, 17)])
 @pytest.mark.parametrize("relu", [True, False])
 def test_time_conv_equals_float64_conv(conv_path, cin, cout, k, d, t, relu):
@@ -158,11 +148,13 @@ def _naive_pooling(asp, x, frames):
 
 
 @pytest.mark.parametrize("global_context", [True, False])
-def test_pooling_with_pending_batchnorm_equals_float64_naive(conv_path, global_context):
+def test_pooling_with_pending_batchnorm_equals_float64_naive(
+    conv_path, global_context, random_batchnorm
+):
     torch.manual_seed(5)
     c, t = 12, 23
     asp = AttentiveStatisticsPooling(c, attention_channels=6, global_context=global_context)
-    _randomise_batchnorm(asp)
+    random_batchnorm(asp)
     asp.eval()
     a, b = torch.randn(c), torch.randn(c)
     u = torch.rand(3, t, c) * 2
@@ -178,11 +170,11 @@ def test_pooling_with_pending_batchnorm_equals_float64_naive(conv_path, global_c
 
 
 @pytest.mark.parametrize("frames", [[157, 101, 77], [93]])
-def test_fast_network_equals_reference_on_odd_lengths(conv_path, frames):
+def test_fast_network_equals_reference_on_odd_lengths(conv_path, frames, random_batchnorm):
     cfg = EcapaConfig(channels=(48, 48, 48, 48, 144), attention_channels=8, se_channels=8)
     torch.manual_seed(len(frames))
     model = EcapaTDNN(cfg).eval()
-    _randomise_batchnorm(model)
+    random_batchnorm(model)
     fast = FastEcapa(model)
     t = max(frames)
     feats = torch.randn(len(frames), t, 80)
@@ -210,13 +202,15 @@ def test_bfloat16_fast_network_stays_close():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_consecutive_calls_of_other_lengths_and_batches_equal_fresh_modules(conv_path, dtype):
+def test_consecutive_calls_of_other_lengths_and_batches_equal_fresh_modules(
+    conv_path, dtype, random_batchnorm
+):
     """One module called on changing lengths and batch sizes gives, call after call, what a
     fresh module and the reference network give: nothing of a call leaks into the next."""
     cfg = EcapaConfig(channels=(48, 48, 48, 48, 144), attention_channels=8, se_channels=8)
     torch.manual_seed(7)
     model = EcapaTDNN(cfg).eval()
-    _randomise_batchnorm(model)
+    random_batchnorm(model)
     model = model.to(dtype)
     kept = FastEcapa(model)
     tol = {"atol": 3e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
@@ -229,11 +223,11 @@ def test_consecutive_calls_of_other_lengths_and_batches_equal_fresh_modules(conv
             torch.testing.assert_close(got, model(feats, lengths), **tol)
 
 
-def test_returned_embeddings_are_not_overwritten_by_later_calls(conv_path):
+def test_returned_embeddings_are_not_overwritten_by_later_calls(conv_path, random_batchnorm):
     cfg = EcapaConfig(channels=(48, 48, 48, 48, 144), attention_channels=8, se_channels=8)
     torch.manual_seed(8)
     model = EcapaTDNN(cfg).eval()
-    _randomise_batchnorm(model)
+    random_batchnorm(model)
     fast = FastEcapa(model)
     first_feats = torch.randn(2, 120, 80)
     first = fast(first_feats)

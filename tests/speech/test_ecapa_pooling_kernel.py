@@ -175,25 +175,16 @@ def test_rejects_mismatched_shapes():
         )
 
 
-def _randomised_pooling(c, global_context):
-    asp = AttentiveStatisticsPooling(c, attention_channels=6, global_context=global_context)
-    with torch.no_grad():
-        for m in asp.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    return asp.eval()
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("global_context", [True, False])
 @pytest.mark.parametrize("frames", [[41], [41, 17, 30]])
-def test_fast_pooling_with_kernel_equals_torch_path(monkeypatch, dtype, global_context, frames):
+def test_fast_pooling_with_kernel_equals_torch_path(
+    monkeypatch, random_batchnorm, dtype, global_context, frames
+):
     torch.manual_seed(len(frames) + 2 * global_context)
     c, t = 21, max(frames)
-    asp = _randomised_pooling(c, global_context).to(dtype)
+    asp = AttentiveStatisticsPooling(c, attention_channels=6, global_context=global_context)
+    asp = random_batchnorm(asp).eval().to(dtype)
     fast = FastAttentivePooling(asp, torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype))
     u = torch.rand(len(frames), t, c, dtype=dtype) * 2
     lengths = torch.tensor(frames) if len(frames) > 1 else None

@@ -143,16 +143,6 @@ def test_wrong_arguments_are_refused():
     assert not res2net_kernel.supports(u.bfloat16())
 
 
-def _randomise_batchnorm(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-
-
 # widths 5 and 6 (not multiples of 16); dilations 2, 3, 4 pad the groups by 2, 3, 4 frames
 CONFIGS = [
     EcapaConfig(channels=(40, 40, 40, 40, 120), attention_channels=8, se_channels=8),
@@ -164,11 +154,11 @@ CONFIGS = [
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("frames", [[157, 101, 3], [93], [40, 2]])
 def test_fast_network_with_kernel_equals_pytorch_path_and_reference(
-    monkeypatch, dtype, cfg, frames
+    monkeypatch, dtype, cfg, frames, random_batchnorm
 ):
     torch.manual_seed(len(frames) + cfg.channels[0])
     model = EcapaTDNN(cfg).eval()
-    _randomise_batchnorm(model)
+    random_batchnorm(model)
     model = model.to(dtype)
     fast = FastEcapa(model)
     t = max(frames)
@@ -196,13 +186,13 @@ def test_fast_network_with_kernel_equals_pytorch_path_and_reference(
                 torch.testing.assert_close(fast(feats[i : i + 1, :f]), got[i : i + 1], **tol)
 
 
-def test_fast_network_without_a_compiler(tmp_path):
+def test_fast_network_without_a_compiler(tmp_path, random_batchnorm):
     """No compiler: the kernels report why and FastEcapa runs its PyTorch path, with the same
     embeddings."""
     cfg = CONFIGS[0]
     torch.manual_seed(3)
     model = EcapaTDNN(cfg).eval()
-    _randomise_batchnorm(model)
+    random_batchnorm(model)
     feats = torch.randn(2, 61, 80)
     lengths = relative_from_frames(torch.tensor([61, 30]), 61)
     torch.save({"model": model, "feats": feats, "lengths": lengths}, tmp_path / "in.pt")

@@ -296,6 +296,15 @@ class NativeLibrary:
         """Whether the library is compiled and loaded (compiles it on the first call)."""
         return self._load() is not None
 
+    def takes(self, *tensors: torch.Tensor) -> bool:
+        """Whether the kernels can run on ``tensors``: float32 or float64 on the CPU, no
+        tracer recording (:func:`tracing`), the library available."""
+        return (
+            all(t.device.type == "cpu" and t.dtype in _SUFFIX for t in tensors)
+            and not tracing(*tensors)
+            and self.available()
+        )
+
     def build_error(self) -> str | None:
         """Why :meth:`available` is False, if it is."""
         self._load()

@@ -35,7 +35,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import BLOCK, NativeLibrary, addr, tracing, unit_stride_last
+from core_attention.native import BLOCK, NativeLibrary, addr, unit_stride_last
 
 __all__ = [
     "attentive_mean_std",
@@ -290,12 +290,7 @@ def build_error() -> str | None:
 
 def supports(u: torch.Tensor) -> bool:
     """Whether the kernel takes tensors like ``u`` (float32 or float64 on the CPU)."""
-    return (
-        u.device.type == "cpu"
-        and u.dtype in (torch.float32, torch.float64)
-        and not tracing(u)
-        and available()
-    )
+    return _LIBRARY.takes(u)
 
 
 def _statistics(

@@ -53,7 +53,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import NativeLibrary, addr, tracing
+from core_attention.native import NativeLibrary, addr
 
 __all__ = ["Res2NetGlue", "available", "build_error", "group_step", "pad_input", "supports"]
 
@@ -227,12 +227,7 @@ def build_error() -> str | None:
 
 def supports(u: torch.Tensor) -> bool:
     """Whether the kernel takes tensors like ``u`` (float32 or float64 on the CPU)."""
-    return (
-        u.device.type == "cpu"
-        and u.dtype in (torch.float32, torch.float64)
-        and not tracing(u)
-        and available()
-    )
+    return _LIBRARY.takes(u)
 
 
 def _vector(v: torch.Tensor, dtype: torch.dtype, size: int, name: str) -> torch.Tensor:

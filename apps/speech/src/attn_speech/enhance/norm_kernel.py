@@ -20,7 +20,7 @@ import ctypes
 import torch
 from torch import nn
 
-from core_attention.native import NativeLibrary, addr, tracing
+from core_attention.native import NativeLibrary, addr
 
 __all__ = ["available", "instance_norm_prelu", "supports"]
 
@@ -120,11 +120,8 @@ def supports(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> bool:
         and (norm.training or not norm.track_running_stats)
         and act.weight.numel() in (1, x.shape[1])
         and x.dim() == 4
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
-        and not tracing(x)
-        and available()
+        and _LIBRARY.takes(x)
     )
 
 

@@ -29,7 +29,7 @@ import ctypes
 
 import torch
 
-from core_attention.native import BLOCK, NativeLibrary, addr, tracing, unit_stride_last
+from core_attention.native import BLOCK, NativeLibrary, addr, unit_stride_last
 
 __all__ = [
     "available",
@@ -371,13 +371,7 @@ def build_error() -> str | None:
 def supports(x: torch.Tensor, n_state: int = 0, rank: int = 0, width: int = 0) -> bool:
     """Whether the kernels take tensors like ``x`` with ``n_state`` states, a step-size
     projection of rank ``rank`` and a convolution of ``width`` taps."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and max(n_state, rank, width) <= _MAX_STATE
-        and not tracing(x)
-        and available()
-    )
+    return max(n_state, rank, width) <= _MAX_STATE and _LIBRARY.takes(x)
 
 
 def scan_tokens(

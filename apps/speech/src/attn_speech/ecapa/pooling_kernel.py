@@ -278,19 +278,9 @@ _LIBRARY = NativeLibrary(
 )
 
 
-def available() -> bool:
-    """Whether the kernel is compiled and loaded (compiles it on the first call)."""
-    return _LIBRARY.available()
-
-
-def build_error() -> str | None:
-    """Why :func:`available` is False, if it is."""
-    return _LIBRARY.build_error()
-
-
-def supports(u: torch.Tensor) -> bool:
-    """Whether the kernel takes tensors like ``u`` (float32 or float64 on the CPU)."""
-    return _LIBRARY.takes(u)
+available = _LIBRARY.available  # whether the kernel builds and loads (built on first call)
+build_error = _LIBRARY.build_error  # why it does not, if it does not
+supports = _LIBRARY.takes  # whether it takes these tensors (CPU float32/float64, no tracer)
 
 
 def _statistics(

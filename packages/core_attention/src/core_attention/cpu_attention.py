@@ -138,14 +138,7 @@ void attn_dispatch(const AttnArgs* a, int64_t items, int64_t threads) {
 
 }  // namespace
 
-extern "C" {
-void attention_f32(const AttnArgs* a, int64_t items, int64_t threads) {
-    attn_dispatch<float, vf>(a, items, threads);
-}
-void attention_f64(const AttnArgs* a, int64_t items, int64_t threads) {
-    attn_dispatch<double, vd>(a, items, threads);
-}
-}
+EXPORT_DISPATCH(attention, AttnArgs, attn_dispatch)
 """
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p

@@ -65,19 +65,31 @@ typedef float vf __attribute__((vector_size(BLOCK * sizeof(float))));
 typedef double vd __attribute__((vector_size(BLOCK * sizeof(double))));
 typedef int32_t vi __attribute__((vector_size(BLOCK * sizeof(int32_t))));
 
+// Nearest integer of x, and p 2^n for integral n: AVX-512's roundscale and scalef, else
+// the magic-number rounding and the construction of 2^n's exponent bits.
+inline vf vround(vf x) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    return (x + 12582912.0f) - 12582912.0f;
+#endif
+}
+
+inline vf vscale2(vf p, vf n) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
+#endif
+}
+
 // exp clamps its argument to [-87, 88] and rounds x log2(e) to the nearest integer n;
-// exp(x) = 2^n exp(x - n ln 2), the latter a polynomial. With AVX-512, roundscale and scalef
-// (p 2^n) replace the magic-number rounding and the exponent-bit construction.
+// exp(x) = 2^n exp(x - n ln 2), the latter a polynomial.
 inline vf vexp(vf x) {
     const vf lo = vf{} - 87.0f, hi = vf{} + 88.0f;
     x = x < lo ? lo : (x > hi ? hi : x);
-#if defined(__AVX512F__)
-    const __m512 n = _mm512_roundscale_ps(
-        (__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vf fx = (vf)n;
-#else
-    const vf fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-#endif
+    const vf fx = vround(x * 1.44269504088896341f);
     vf r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
     vf p = vf{} + 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -86,12 +98,7 @@ inline vf vexp(vf x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-#if defined(__AVX512F__)
-    return (vf)_mm512_scalef_ps((__m512)p, n);
-#else
-    vi bits = (__builtin_convertvector(fx, vi) + 127) << 23;
-    return p * (vf)bits;
-#endif
+    return vscale2(p, fx);
 }
 
 // 2^y for y clamped to [-126, 127]: 2^n 2^r with n = round(y), r in [-1/2, 1/2] and 2^r
@@ -101,13 +108,8 @@ inline vf vexp(vf x) {
 inline vf vexp2(vf y) {
     const vf lo = vf{} - 126.0f, hi = vf{} + 127.0f;
     y = y < lo ? lo : (y > hi ? hi : y);
-#if defined(__AVX512F__)
-    const __m512 n = _mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vf r = y - (vf)n;
-#else
-    const vf fn = (y + 12582912.0f) - 12582912.0f;
-    const vf r = y - fn;
-#endif
+    const vf n = vround(y);
+    const vf r = y - n;
     vf p = vf{} + 1.546144472481e-4f;
     p = p * r + 1.340042817771e-3f;
     p = p * r + 9.618056678432e-3f;
@@ -115,12 +117,7 @@ inline vf vexp2(vf y) {
     p = p * r + 2.402265092229e-1f;
     p = p * r + 6.931472067028e-1f;
     p = p * r + 1.0f;
-#if defined(__AVX512F__)
-    return (vf)_mm512_scalef_ps((__m512)p, n);
-#else
-    vi bits = (__builtin_convertvector(fn, vi) + 127) << 23;
-    return p * (vf)bits;
-#endif
+    return vscale2(p, n);
 }
 
 // log1p(v) for v >= 0 as log(w) * v / (w - 1), w = 1 + v (exact where w rounds to 1).
@@ -211,6 +208,25 @@ void parallel(const Args* a, int64_t items, int64_t threads, Fn fn) {
 }
 
 }  // namespace
+
+// The two entries NativeLibrary.run calls, NAME_f32 and NAME_f64 (f(&args, items, threads)):
+// EXPORT_DISPATCH runs RUN<float, vf> / RUN<double, vd>(&args, items, threads);
+// EXPORT_PARALLEL runs parallel() over ITEMS<float, vf, ...> / ITEMS<double, vd, ...>, the
+// optional arguments being further template arguments of ITEMS.
+#define EXPORT_DISPATCH(NAME, ARGS, RUN)                                             \
+    extern "C" void NAME##_f32(const ARGS* a, int64_t items, int64_t threads) {    \
+        RUN<float, vf>(a, items, threads);                                           \
+    }                                                                                \
+    extern "C" void NAME##_f64(const ARGS* a, int64_t items, int64_t threads) {    \
+        RUN<double, vd>(a, items, threads);                                          \
+    }
+#define EXPORT_PARALLEL(NAME, ARGS, ITEMS, ...)                                      \
+    extern "C" void NAME##_f32(const ARGS* a, int64_t items, int64_t threads) {    \
+        parallel(a, items, threads, ITEMS<float, vf, ##__VA_ARGS__>);                \
+    }                                                                                \
+    extern "C" void NAME##_f64(const ARGS* a, int64_t items, int64_t threads) {    \
+        parallel(a, items, threads, ITEMS<double, vd, ##__VA_ARGS__>);               \
+    }
 """
 
 _FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]

@@ -231,26 +231,9 @@ void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
 
 }  // namespace
 
-extern "C" {
-void mean_std_f32(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<float, vf, UNIFORM>);
-}
-void mean_std_f64(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<double, vd, UNIFORM>);
-}
-void attentive_f32(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<float, vf, SCORES>);
-}
-void attentive_f64(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<double, vd, SCORES>);
-}
-void attentive_scored_f32(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<float, vf, SCORED>);
-}
-void attentive_scored_f64(const StatsArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, stats_items<double, vd, SCORED>);
-}
-}
+EXPORT_PARALLEL(mean_std, StatsArgs, stats_items, UNIFORM)
+EXPORT_PARALLEL(attentive, StatsArgs, stats_items, SCORES)
+EXPORT_PARALLEL(attentive_scored, StatsArgs, stats_items, SCORED)
 """
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p

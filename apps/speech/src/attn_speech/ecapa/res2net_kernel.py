@@ -180,14 +180,7 @@ void split_items(const StepArgs* a, int64_t items, int64_t threads) {
 
 }  // namespace
 
-extern "C" {
-void step_f32(const StepArgs* a, int64_t items, int64_t threads) {
-    split_items<float, vf>(a, items, threads);
-}
-void step_f64(const StepArgs* a, int64_t items, int64_t threads) {
-    split_items<double, vd>(a, items, threads);
-}
-}
+EXPORT_DISPATCH(step, StepArgs, split_items)
 """
 
 _ROWS = 16  # rows of buf per work item (ROWS in the source)

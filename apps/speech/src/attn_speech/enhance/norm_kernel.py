@@ -78,14 +78,7 @@ void norm_items(const NormArgs& a, int64_t item0, int64_t item1) {
 
 }  // namespace
 
-extern "C" {
-void norm_f32(const NormArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, norm_items<float, vf>);
-}
-void norm_f64(const NormArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, norm_items<double, vd>);
-}
-}
+EXPORT_PARALLEL(norm, NormArgs, norm_items)
 """
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p

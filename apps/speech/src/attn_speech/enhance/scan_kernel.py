@@ -305,13 +305,8 @@ void scan_grad_f32(const GradArgs* a, int64_t items, int64_t threads) {
 void scan_grad_f64(const GradArgs* a, int64_t items, int64_t threads) {
     parallel(a, items, threads, grad_items<double, vd, 0>);
 }
-void conv_f32(const ConvArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, conv_items<float, vf>);
 }
-void conv_f64(const ConvArgs* a, int64_t items, int64_t threads) {
-    parallel(a, items, threads, conv_items<double, vd>);
-}
-}
+EXPORT_PARALLEL(conv, ConvArgs, conv_items)
 """
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn_speech.ecapa.layers import reflect_index
+from core_attention.cpu_memory import MMAP_THRESHOLD
 
 ONEDNN = torch.backends.mkldnn.is_available() and all(
     hasattr(torch.ops.mkldnn, op)
@@ -48,7 +49,9 @@ ONEDNN = torch.backends.mkldnn.is_available() and all(
 # (weight shape, dilation, dtype, batch, padded frames, threads) -> oneDNN's layout for it
 _LAYOUT_OF_PROBLEM: dict[tuple, bytes] = {}
 _MAX_PROBLEMS = 65536  # a few ints each; cleared when full (then learnt again)
-_INNER_PRODUCT_BYTES = 32 << 20  # 1x1 weights larger than this run as an inner product
+# 1x1 weights larger than this run as an inner product: glibc maps blocks above it afresh on
+# every allocation whatever its settings, so a layout learnt by a reorder would fault them in
+_INNER_PRODUCT_BYTES = MMAP_THRESHOLD
 
 
 class TimeConv(nn.Module):

@@ -35,6 +35,15 @@ def _naive(u, scores, a, b, frames):
     return torch.stack(out)
 
 
+def _given_scores(scores, u, a, b, eps, frames=None):
+    """The attentive statistics for ``scores`` as they are: the kernel's scoring layer the
+    identity (each score is one product by 1 plus products by 0, so exact)."""
+    c = scores.shape[-1]
+    eye = torch.eye(c, dtype=scores.dtype)
+    wt, bias = pooling_kernel.pack_scorer(eye, torch.zeros(c, dtype=scores.dtype))
+    return pooling_kernel.attentive_mean_std(scores, wt, bias, u, a, b, eps, frames)
+
+
 def _inputs(b, t, c, dtype, seed, offset=0.0, spread=1.0):
     g = torch.Generator().manual_seed(seed)
     u = (torch.rand(b, t, c, generator=g, dtype=torch.float64) * 2 + offset).to(dtype)
@@ -70,7 +79,7 @@ def test_statistics_equal_float64_naive(dtype, b, frames, c, padded):
     torch.testing.assert_close(
         got.double(), _naive(u, None, a, shift, frames), atol=atol, rtol=rtol
     )
-    got = pooling_kernel.attentive_mean_std(scores, u, a, shift, EPS, lengths)
+    got = _given_scores(scores, u, a, shift, EPS, lengths)
     assert got.shape == (b, 2 * c) and got.dtype == dtype
     expected = _naive(u, scores, a, shift, frames)
     torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol)
@@ -88,7 +97,7 @@ def test_padded_frames_are_never_read(dtype):
     for got, expected in [
         (pooling_kernel.mean_std(u, a, shift, EPS, lengths), _naive(u, None, a, shift, frames)),
         (
-            pooling_kernel.attentive_mean_std(scores, u, a, shift, EPS, lengths),
+            _given_scores(scores, u, a, shift, EPS, lengths),
             _naive(u, scores, a, shift, frames),
         ),
     ]:
@@ -107,7 +116,7 @@ def test_float32_has_no_cancellation_or_overflow():
     lengths = torch.tensor(frames)
     got = pooling_kernel.mean_std(u, a, shift, EPS, lengths)
     torch.testing.assert_close(got.double(), _naive(u, None, a, shift, frames), atol=0, rtol=1e-5)
-    got = pooling_kernel.attentive_mean_std(scores, u, a, shift, EPS, lengths)
+    got = _given_scores(scores, u, a, shift, EPS, lengths)
     expected = _naive(u, scores, a, shift, frames)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), expected, atol=0, rtol=1e-4)
@@ -123,7 +132,7 @@ def test_strided_inputs_and_threads():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        got = pooling_kernel.attentive_mean_std(scores, u, a, shift, EPS, torch.tensor(frames))
+        got = _given_scores(scores, u, a, shift, EPS, torch.tensor(frames))
     finally:
         torch.set_num_threads(threads)
     expected = _naive(u, scores, a, shift, frames)
@@ -151,7 +160,7 @@ def test_scored_statistics_equal_float64_naive(dtype, b, frames, c, k):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            got = pooling_kernel.attentive_mean_std_scored(h, wt, padded, u, a, shift, EPS, lengths)
+            got = pooling_kernel.attentive_mean_std(h, wt, padded, u, a, shift, EPS, lengths)
         finally:
             torch.set_num_threads(previous)
         assert got.shape == (b, 2 * c) and got.dtype == dtype
@@ -162,15 +171,13 @@ def test_scored_statistics_equal_float64_naive(dtype, b, frames, c, k):
 
 def test_rejects_mismatched_shapes():
     u = torch.rand(1, 10, 4)
-    with pytest.raises(ValueError, match="scores"):
-        pooling_kernel.attentive_mean_std(u[:, :9], u, torch.ones(4), torch.zeros(4), EPS)
     wt, bias = pooling_kernel.pack_scorer(torch.rand(4, 3), torch.rand(4))
     with pytest.raises(ValueError, match="h"):
-        pooling_kernel.attentive_mean_std_scored(
+        pooling_kernel.attentive_mean_std(
             torch.rand(1, 9, 3), wt, bias, u, torch.ones(4), torch.zeros(4), EPS
         )
     with pytest.raises(ValueError, match="pack_scorer"):
-        pooling_kernel.attentive_mean_std_scored(
+        pooling_kernel.attentive_mean_std(
             torch.rand(1, 10, 3), wt[:, :8], bias[:8], u, torch.ones(4), torch.zeros(4), EPS
         )
 

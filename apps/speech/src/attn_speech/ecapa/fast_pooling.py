@@ -88,7 +88,7 @@ class FastAttentivePooling(nn.Module):
             h = h.add_(context[:, None]).relu_()
         h = torch.addcmul(self.hidden_b, h, self.hidden_a).tanh_()
         if kernel:
-            return pooling_kernel.attentive_mean_std_scored(
+            return pooling_kernel.attentive_mean_std(
                 h, self.score_wt, self.score_bias, u, self.a, self.b, self.eps, frames
             )
         return self._attentive_mean_std(self.scores(h), u, valid)

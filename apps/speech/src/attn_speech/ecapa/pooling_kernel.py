@@ -8,7 +8,9 @@ over the valid frames of ``u`` ``[B, T, C]``, reported for ``x = a u + b``:
 
 * :func:`mean_std`: uniform weights (the global context, ``[mean; std]`` of ``x``);
 * :func:`attentive_mean_std`: weights ``softmax_t(scores)`` per channel (the pooled
-  output), from the scores ``[B, T, C]`` as they come out of the scoring convolution.
+  output), the scores ``h W^T + bias`` of the 1x1 scoring layer computed in the same pass,
+  32 frames x 64 channels at a time, and never written out (writing and reading back the
+  ``[B, T, C]`` scores cost more than computing them).
 
 One pass over the inputs replaces PyTorch's chain of full-size temporaries (max, subtract,
 exp, products, sums): a work item is a block of 16 channels of one batch row, vectorised
@@ -24,7 +26,8 @@ The C++ source is compiled on first use by :class:`core_attention.native.NativeL
 :func:`available` is False where there is no compiler or the build fails, and callers then
 use their PyTorch code. Inference only: no gradients.
 
-Shapes: ``u``, ``scores`` ``[B, T, C]`` (unit stride along ``C``); ``a``, ``b`` ``[C]``;
+Shapes: ``u`` ``[B, T, C]``, ``h`` ``[B, T, K]`` (unit stride along the last dimension);
+``a``, ``b`` ``[C]``; the scoring layer as :func:`pack_scorer` packs it;
 ``frames`` ``[B]`` valid frames (``None``: all ``T``); results ``[B, 2C]`` (means, then
 standard deviations ``sqrt(max(a^2 var, eps))``).
 """
@@ -39,7 +42,6 @@ from core_attention.native import BLOCK, NativeLibrary, addr, unit_stride_last
 
 __all__ = [
     "attentive_mean_std",
-    "attentive_mean_std_scored",
     "available",
     "build_error",
     "mean_std",
@@ -52,15 +54,14 @@ _SOURCE = r"""
 extern "C" {
 
 // Weighted statistics over the first frames[i] (all T when frames is null) rows of u
-// [B, T, C] (unit stride along C): weights softmax over time of scores [B, T, C] per
-// channel, or uniform when scores is null. out [B, 2C] = [a m + b, sqrt(max(a^2 v, eps))]
-// with m, v the weighted mean and variance of u. The scored kernel computes the scores
-// itself, scores[t, c] = sum_k h[t, k] wt[k, c] + bias[c], from h [B, T, K] (unit stride
-// along K); wt [K, ws] and bias [ws] are zero beyond C, with ws >= C + 48 (whole groups).
+// [B, T, C] (unit stride along C): weights uniform (mean_std) or softmax over time per
+// channel of the scores (attentive) scores[t, c] = sum_k h[t, k] wt[k, c] + bias[c], h
+// [B, T, K] (unit stride along K), wt [K, ws] and bias [ws] zero beyond C, ws >= C + 48
+// (whole groups). out [B, 2C] = [a m + b, sqrt(max(a^2 v, eps))] with m, v the weighted
+// mean and variance of u.
 struct StatsArgs {
     int64_t T, C;
     const void* u; int64_t us, ut;
-    const void* scores; int64_t ss, st;
     const int64_t* frames;
     const void* a; const void* b;
     double eps;
@@ -178,25 +179,21 @@ void score_tile(const T* h, int64_t ht, int64_t K, const T* wt, int64_t ws, cons
     }
 }
 
-// MODE: UNIFORM weights, given SCORES, or scores COMPUTED from h (SCORED).
-enum Mode { UNIFORM, SCORES, SCORED };
-
-template <typename T, typename V, Mode MODE>
+// SOFTMAX: weights softmax_t of the scores computed from h; else uniform.
+template <typename T, typename V, bool SOFTMAX>
 void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
-    constexpr bool SOFTMAX = MODE != UNIFORM;
     const int64_t C = a.C, blocks = (C + BLOCK - 1) / BLOCK;
     Block<T, V, SOFTMAX> stats[GROUP];
-    alignas(64) T tile[MODE == SCORED ? CHUNK * GROUP * BLOCK : 1];
+    alignas(64) T tile[SOFTMAX ? CHUNK * GROUP * BLOCK : 1];
     for (int64_t g0 = item0; g0 < item1;) {
         const int64_t i = g0 / blocks, first = g0 % blocks;
         int64_t g1 = g0 + GROUP < item1 ? g0 + GROUP : item1;
         g1 = g1 < (i + 1) * blocks ? g1 : (i + 1) * blocks;
         const int64_t n = a.frames ? a.frames[i] : a.T;
         const T* u = (const T*)a.u + i * a.us;
-        const T* s = MODE == SCORES ? (const T*)a.scores + i * a.ss : nullptr;
         for (int64_t t0 = 0; t0 < n; t0 += CHUNK) {
             const int64_t rows = n - t0 < CHUNK ? n - t0 : CHUNK;
-            if (MODE == SCORED) {
+            if (SOFTMAX) {
                 const int64_t c0 = first * BLOCK;
                 score_tile<T, V>((const T*)a.h + i * a.hs + t0 * a.ht, a.ht, a.K,
                                  (const T*)a.wt + c0, a.ws, (const T*)a.bias + c0, rows, tile);
@@ -204,9 +201,8 @@ void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
             for (int64_t j = 0; j < g1 - g0; ++j) {
                 const int64_t c0 = (first + j) * BLOCK, w = C - c0 < BLOCK ? C - c0 : BLOCK;
                 const T* uc = u + t0 * a.ut + c0;
-                const T* sc = MODE == SCORES ? s + t0 * a.st + c0
-                            : MODE == SCORED ? tile + j * BLOCK : nullptr;
-                const int64_t st = MODE == SCORED ? GROUP * BLOCK : a.st;
+                const T* sc = SOFTMAX ? tile + j * BLOCK : nullptr;
+                const int64_t st = GROUP * BLOCK;
                 if (w == BLOCK)
                     stats[j].template add<true>(uc, a.ut, sc, st, rows, w, t0 == 0);
                 else
@@ -231,9 +227,8 @@ void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
 
 }  // namespace
 
-EXPORT_PARALLEL(mean_std, StatsArgs, stats_items, UNIFORM)
-EXPORT_PARALLEL(attentive, StatsArgs, stats_items, SCORES)
-EXPORT_PARALLEL(attentive_scored, StatsArgs, stats_items, SCORED)
+EXPORT_PARALLEL(mean_std, StatsArgs, stats_items, false)
+EXPORT_PARALLEL(attentive, StatsArgs, stats_items, true)
 """
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -243,7 +238,6 @@ class _StatsArgs(ctypes.Structure):
     _fields_ = [
         ("T", _i64), ("C", _i64),
         ("u", _ptr), ("us", _i64), ("ut", _i64),
-        ("scores", _ptr), ("ss", _i64), ("st", _i64),
         ("frames", _ptr),
         ("a", _ptr), ("b", _ptr),
         ("eps", ctypes.c_double),
@@ -257,7 +251,7 @@ class _StatsArgs(ctypes.Structure):
 _LIBRARY = NativeLibrary(
     "attentive_pooling",
     _SOURCE,
-    {"mean_std": _StatsArgs, "attentive": _StatsArgs, "attentive_scored": _StatsArgs},
+    {"mean_std": _StatsArgs, "attentive": _StatsArgs},
 )
 
 
@@ -269,7 +263,6 @@ supports = _LIBRARY.takes  # whether it takes these tensors (CPU float32/float64
 def _statistics(
     name: str,
     u: torch.Tensor,
-    scores: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
     eps: float,
@@ -283,10 +276,6 @@ def _statistics(
     if t < 1:
         raise ValueError("statistics over zero frames")
     u = unit_stride_last(u, dtype)
-    if scores is not None:
-        if scores.shape != u.shape:
-            raise ValueError(f"scores {tuple(scores.shape)} and u {tuple(u.shape)} differ")
-        scores = unit_stride_last(scores, dtype)
     h, wt, bias = scorer if scorer is not None else (None, None, None)
     if scorer is not None:
         if h.shape[:2] != u.shape[:2] or wt.shape[0] != h.shape[2]:
@@ -302,7 +291,6 @@ def _statistics(
     args = _StatsArgs(
         t, c,
         addr(u), u.stride(0), u.stride(1),
-        addr(scores), *(scores.stride()[:2] if scores is not None else (0, 0)),
         addr(frames),
         addr(a), addr(b),
         float(eps),
@@ -325,21 +313,7 @@ def mean_std(
 ) -> torch.Tensor:
     """``[mean; sqrt(max(var, eps))]`` over time of ``x = a u + b`` per channel, each batch
     row over its first ``frames`` frames: ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
-    return _statistics("mean_std", u, None, a, b, eps, frames)
-
-
-def attentive_mean_std(
-    scores: torch.Tensor,
-    u: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    eps: float,
-    frames: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean and standard deviation of ``x = a u + b`` per channel, weighted over time by
-    ``softmax_t(scores)`` (each batch row over its first ``frames`` frames):
-    ``scores``, ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
-    return _statistics("attentive", u, scores, a, b, eps, frames)
+    return _statistics("mean_std", u, a, b, eps, frames)
 
 
 def padded_width(channels: int) -> int:
@@ -351,7 +325,7 @@ def padded_width(channels: int) -> int:
 def pack_scorer(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A scoring layer ``scores = h W^T + bias`` (``W`` ``[C, K]``, ``bias`` ``[C]``) as the
     zero-padded ``wt`` ``[K, padded_width(C)]`` and ``bias`` ``[padded_width(C)]`` that
-    :func:`attentive_mean_std_scored` reads."""
+    :func:`attentive_mean_std` reads."""
     c, k = weight.shape
     wt = weight.new_zeros(k, padded_width(c))
     wt[:, :c] = weight.T
@@ -360,7 +334,7 @@ def pack_scorer(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor,
     return wt, padded
 
 
-def attentive_mean_std_scored(
+def attentive_mean_std(
     h: torch.Tensor,
     wt: torch.Tensor,
     bias: torch.Tensor,
@@ -370,7 +344,8 @@ def attentive_mean_std_scored(
     eps: float,
     frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`attentive_mean_std` with the scores ``h W^T + bias`` computed in the same pass,
-    32 frames x 64 channels at a time, never written out: ``h`` ``[B, T, K]``, ``wt``,
-    ``bias`` from :func:`pack_scorer`, ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
-    return _statistics("attentive_scored", u, None, a, b, eps, frames, (h, wt, bias))
+    """Mean and standard deviation of ``x = a u + b`` per channel, weighted over time by
+    ``softmax_t(h W^T + bias)`` (each batch row over its first ``frames`` frames), the
+    scores computed in the same pass: ``h`` ``[B, T, K]``, ``wt``, ``bias`` from
+    :func:`pack_scorer`, ``u`` ``[B, T, C]`` -> ``[B, 2C]``."""
+    return _statistics("attentive", u, a, b, eps, frames, (h, wt, bias))

@@ -25,6 +25,16 @@ pytestmark = pytest.mark.skipif(
 TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-6)}
 
 
+def _group_step(u, col, r, scale, shift, a, buf, frames=None, next_input=True):
+    """One group's glue: :meth:`Res2NetGlue.step` on a glue of its own."""
+    res2net_kernel.Res2NetGlue(u, buf, a, frames).step(col, r, scale, shift, next_input)
+
+
+def _pad_input(u, col, buf, frames=None):
+    """The first group's input: :meth:`Res2NetGlue.pad_input` on a glue of its own."""
+    res2net_kernel.Res2NetGlue(u, buf, u.new_ones(u.shape[-1]), frames).pad_input(col)
+
+
 @pytest.fixture(params=[1, 3])
 def threads(request, monkeypatch):
     """Threads the kernel runs on (the rows shared out however small the problem)."""
@@ -84,7 +94,7 @@ def test_group_step_equals_float64_definition(threads, dtype, b, t, w, pad, fram
     buf = torch.full((b, t + 2 * pad, w), float("nan"), dtype=dtype)
     col, nxt = w, slice(2 * w, 3 * w)
 
-    res2net_kernel.group_step(u, col, r, scale, shift, a, buf, fr)
+    _group_step(u, col, r, scale, shift, a, buf, fr)
 
     y = scale.double() * r.double() + shift.double()
     expected_u = before.clone()
@@ -116,7 +126,7 @@ def test_pad_input_equals_pad_time(threads, dtype, b, t, w, pad, frames):
     u = torch.randn(b, t, 3 * w + 2, generator=g, dtype=torch.float64).to(dtype)[..., 1:-1]
     fr = None if frames is None else torch.tensor(frames)
     buf = torch.full((b, t + 2 * pad, w), float("nan"), dtype=dtype)
-    res2net_kernel.pad_input(u, w, buf, fr)
+    _pad_input(u, w, buf, fr)
     x = u[..., w : 2 * w]
     torch.testing.assert_close(buf, pad_time(x, pad, fr), rtol=0, atol=0)
     torch.testing.assert_close(buf.double(), _reflect(x.double(), pad, frames), rtol=0, atol=0)
@@ -126,17 +136,15 @@ def test_wrong_arguments_are_refused():
     u, r = torch.randn(2, 10, 32), torch.randn(2, 10, 8)
     buf, a, s = torch.empty(2, 14, 8), torch.randn(32), torch.randn(8)
     with pytest.raises(ValueError, match="columns"):
-        res2net_kernel.group_step(u, 24, r, s, s, a, buf)  # the next group's would be past C
+        _group_step(u, 24, r, s, s, a, buf)  # the next group's would be past C
     with pytest.raises(ValueError, match="r must be"):
-        res2net_kernel.group_step(u, 8, r[:, :9], s, s, a, buf)
+        _group_step(u, 8, r[:, :9], s, s, a, buf)
     with pytest.raises(ValueError, match="buf"):
-        res2net_kernel.group_step(u, 8, r, s, s, a, torch.empty(2, 13, 8))
+        _group_step(u, 8, r, s, s, a, torch.empty(2, 13, 8))
     with pytest.raises(ValueError, match="scale"):
-        res2net_kernel.group_step(u, 8, r, s.double(), s, a, buf)
+        _group_step(u, 8, r, s.double(), s, a, buf)
     with pytest.raises(ValueError, match="unit stride"):
-        res2net_kernel.group_step(
-            u.transpose(1, 2).contiguous().transpose(1, 2), 8, r, s, s, a, buf
-        )
+        _group_step(u.transpose(1, 2).contiguous().transpose(1, 2), 8, r, s, s, a, buf)
     assert not res2net_kernel.supports(u.bfloat16())
 
 

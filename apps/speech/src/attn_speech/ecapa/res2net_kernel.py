@@ -55,7 +55,7 @@ import torch
 
 from core_attention.native import NativeLibrary, addr
 
-__all__ = ["Res2NetGlue", "available", "build_error", "group_step", "pad_input", "supports"]
+__all__ = ["Res2NetGlue", "available", "build_error", "supports"]
 
 _SOURCE = r"""
 #include <omp.h>
@@ -311,25 +311,3 @@ class Res2NetGlue:
         else:
             args.x = args.a = None
         self._call()
-
-
-def group_step(
-    u: torch.Tensor,
-    col: int,
-    r: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    a: torch.Tensor,
-    buf: torch.Tensor,
-    frames: torch.Tensor | None = None,
-    next_input: bool = True,
-) -> None:
-    """One call of :meth:`Res2NetGlue.step` (``a`` ``[C]``)."""
-    Res2NetGlue(u, buf, a, frames).step(col, r, scale, shift, next_input)
-
-
-def pad_input(
-    u: torch.Tensor, col: int, buf: torch.Tensor, frames: torch.Tensor | None = None
-) -> None:
-    """One call of :meth:`Res2NetGlue.pad_input`."""
-    Res2NetGlue(u, buf, u.new_ones(u.shape[-1]), frames).pad_input(col)

@@ -87,15 +87,17 @@ class TimeConv(nn.Module):
         size = self.weight.numel() * dtype.itemsize
         return self.taps == 1 and size > _INNER_PRODUCT_BYTES
 
-    def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The weights in the blocked layout oneDNN picks for input ``x`` ``[B, T', C]``."""
-        if self.inner_product(x.dtype):
-            packed = self._packed.get((x.dtype, None))
-            if packed is None:
-                w = self.weight[:, :, 0].to(x.dtype)
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
-                self._packed[(x.dtype, None)] = packed
-            return packed
+    def _linear_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights packed for oneDNN's inner product (one packing for all row counts)."""
+        packed = self._packed.get((dtype, None))
+        if packed is None:
+            w = self.weight[:, :, 0].to(dtype)
+            packed = self._packed[(dtype, None)] = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
+        return packed
+
+    def _conv_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights in the blocked layout oneDNN's convolution picks for input ``x``
+        ``[B, T', C]``."""
         problem = (self.weight.shape, self.dilation, x.dtype, x.shape[0], x.shape[1])
         problem += (torch.get_num_threads(),)
         layout = _LAYOUT_OF_PROBLEM.get(problem)
@@ -122,13 +124,13 @@ class TimeConv(nn.Module):
         bias = self.bias if bias is None else bias
         relu = self.relu if relu is None else relu
         if ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            weight = self._onednn_weight(x)
             act = "relu" if relu else "none"
             if self.inner_product(x.dtype):
+                weight = self._linear_weight(x.dtype)
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias.to(x.dtype), act, [], "")
             y = torch.ops.mkldnn._convolution_pointwise(
                 x.transpose(1, 2)[:, :, None, :],  # channels-last view, no copy
-                weight,
+                self._conv_weight(x),
                 bias.to(x.dtype),
                 [0, 0],
                 [1, 1],

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_speech.ecapa import time_conv
+from attn_speech.ecapa import conv_kernel, time_conv
 from attn_speech.ecapa.config import EcapaConfig
 from attn_speech.ecapa.fast import FastEcapa
 from attn_speech.ecapa.fast_pooling import FastAttentivePooling
@@ -21,9 +21,16 @@ from attn_speech.ecapa.model import EcapaTDNN
 from attn_speech.ecapa.time_conv import TimeConv, pad_time, reflect_edges
 from core_attention.layers.attentive_pooling import AttentiveStatisticsPooling
 
+native_conv = conv_kernel.conv
 
-@pytest.fixture(params=["onednn", "onednn-inner-product", "gemm"])
+
+@pytest.fixture(params=["native", "onednn", "onednn-inner-product", "gemm"])
 def conv_path(request, monkeypatch):
+    if request.param == "native":
+        if not conv_kernel.available():
+            pytest.skip(f"the convolution kernel does not build: {conv_kernel.build_error()}")
+        return request.param
+    monkeypatch.setattr(time_conv, "NATIVE", False)
     if request.param == "gemm":
         monkeypatch.setattr(time_conv, "ONEDNN", False)
     elif not time_conv.ONEDNN:
@@ -33,9 +40,14 @@ def conv_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize(("cin", "cout", "k", "d", "t"), [(7, 5, 1, 1, 13), (9, 6, 3, 3, 17)])
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "d", "t"),
+    [(7, 5, 1, 1, 13), (9, 6, 3, 3, 17), (7, 48, 1, 1, 13), (9, 80, 5, 2, 17)],
+)
 @pytest.mark.parametrize("relu", [True, False])
-def test_time_conv_equals_float64_conv(conv_path, cin, cout, k, d, t, relu):
+def test_time_conv_equals_float64_conv(conv_path, monkeypatch, cin, cout, k, d, t, relu):
+    calls = []
+    monkeypatch.setattr(conv_kernel, "conv", lambda *a: calls.append(1) or native_conv(*a))
     g = torch.Generator().manual_seed(11 * t + k)
     w, b = torch.randn(cout, cin, k, generator=g), torch.randn(cout, generator=g)
     p = d * (k - 1) // 2
@@ -55,11 +67,15 @@ def test_time_conv_equals_float64_conv(conv_path, cin, cout, k, d, t, relu):
     expected = expected.transpose(1, 2)
     expected = expected if relu else expected.relu()
     torch.testing.assert_close(flipped.double(), expected, atol=1e-5, rtol=1e-5)
+    # the kernel takes every layer whose outputs come in whole vectors of 16, and only then
+    assert len(calls) == (2 if conv_path == "native" and cout % 16 == 0 else 0)
 
 
 _NO_REORDER_SCRIPT = """
 import torch, torch.nn.functional as F
+from attn_speech.ecapa import time_conv
 from attn_speech.ecapa.time_conv import TimeConv
+time_conv.NATIVE = False  # oneDNN's convolutions
 torch.set_num_threads(2)
 torch.manual_seed(0)
 # oneDNN blocks these layers' weights differently at different lengths (1536 -> 1536: by 48

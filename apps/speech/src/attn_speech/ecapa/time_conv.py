@@ -1,6 +1,9 @@
 """Time-major 1-D convolutions for :mod:`attn_speech.ecapa.fast`.
 
-Activations are ``[B, T, C]`` (time-major). On the CPU a convolution is oneDNN's, with the
+Activations are ``[B, T, C]`` (time-major). On the CPU, float32 and float64 layers whose
+outputs come in whole vectors of 16 channels run the compiled kernel of
+:mod:`attn_speech.ecapa.conv_kernel` (weights packed once, any input length). Other CPU
+layers (bfloat16, or no compiler) run oneDNN's convolution, with the
 weights reordered into its blocked layout (as a ``1 x k`` 2-D kernel: oneDNN reorders only
 2-D/3-D weights) and an optional ReLU post-op. With reordered weights oneDNN runs the
 convolution channels-last, which is the time-major layout: a ``[B, T, C]`` input is read in
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attn_speech.ecapa import conv_kernel
 from attn_speech.ecapa.layers import reflect_index
 from core_attention.cpu_memory import MMAP_THRESHOLD
 
@@ -45,6 +49,8 @@ ONEDNN = torch.backends.mkldnn.is_available() and all(
     )
 )
 
+
+NATIVE = True  # whether float32/float64 layers on the CPU take conv_kernel where it builds
 
 # (weight shape, dilation, dtype, batch, padded frames, threads) -> oneDNN's layout for it
 _LAYOUT_OF_PROBLEM: dict[tuple, bytes] = {}
@@ -87,6 +93,13 @@ class TimeConv(nn.Module):
         size = self.weight.numel() * dtype.itemsize
         return self.taps == 1 and size > _INNER_PRODUCT_BYTES
 
+    def _native_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights packed for :mod:`attn_speech.ecapa.conv_kernel`."""
+        packed = self._packed.get((dtype, "native"))
+        if packed is None:
+            packed = self._packed[(dtype, "native")] = conv_kernel.pack_weight(self.weight, dtype)
+        return packed
+
     def _linear_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weights packed for oneDNN's inner product (one packing for all row counts)."""
         packed = self._packed.get((dtype, None))
@@ -123,6 +136,10 @@ class TimeConv(nn.Module):
     ) -> torch.Tensor:
         bias = self.bias if bias is None else bias
         relu = self.relu if relu is None else relu
+        if NATIVE and conv_kernel.supports(x, self.weight):
+            weight = self._native_weight(x.dtype)
+            n, _, taps = self.weight.shape
+            return conv_kernel.conv(x, weight, n, taps, self.dilation, bias, relu)
         if ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             act = "relu" if relu else "none"
             if self.inner_product(x.dtype):

@@ -1,7 +1,8 @@
-"""The compiled Res2Net glue kernel against float64 computations written from the definitions
-(odd widths and lengths, paddings of 2-4 frames, lengths shorter than the padding, padded
-batches, column views of wider tensors), and FastEcapa with the kernel against its PyTorch
-path, the reference EcapaTDNN, and a process where no compiler is found."""
+"""The compiled Res2Net kernel against float64 computations written from the definitions (odd
+lengths, widths of one to five vectors, paddings of 1-4 frames, lengths shorter than the
+padding, padded batches, column views of wider tensors, one and three threads), and FastEcapa
+with the kernel against its PyTorch path, the reference EcapaTDNN, and a process where no
+compiler is found."""
 
 from __future__ import annotations
 
@@ -15,29 +16,16 @@ from attn_speech.ecapa.config import EcapaConfig
 from attn_speech.ecapa.fast import FastEcapa
 from attn_speech.ecapa.lengths import relative_from_frames
 from attn_speech.ecapa.model import EcapaTDNN
-from attn_speech.ecapa.time_conv import pad_time, reflect_edges
 
 pytestmark = pytest.mark.skipif(
     not res2net_kernel.available(),
     reason=f"no compiled Res2Net kernel: {res2net_kernel.build_error()}",
 )
 
-TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-6)}
-
-
-def _group_step(u, col, r, scale, shift, a, buf, frames=None, next_input=True):
-    """One group's glue: :meth:`Res2NetGlue.step` on a glue of its own."""
-    res2net_kernel.Res2NetGlue(u, buf, a, frames).step(col, r, scale, shift, next_input)
-
-
-def _pad_input(u, col, buf, frames=None):
-    """The first group's input: :meth:`Res2NetGlue.pad_input` on a glue of its own."""
-    res2net_kernel.Res2NetGlue(u, buf, u.new_ones(u.shape[-1]), frames).pad_input(col)
-
 
 @pytest.fixture(params=[1, 3])
 def threads(request, monkeypatch):
-    """Threads the kernel runs on (the rows shared out however small the problem)."""
+    """Threads the kernel runs on (the tiles shared out however small the problem)."""
     monkeypatch.setattr(res2net_kernel, "_SHARED_WORK", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
@@ -62,97 +50,98 @@ def _reflect(x: torch.Tensor, pad: int, frames: list[int] | None) -> torch.Tenso
     return torch.stack(out)
 
 
-CASES = [  # batch, T, width, pad, valid frames per item (None: all T)
-    (1, 37, 16, 2, None),
-    (1, 50, 21, 3, None),
-    (3, 23, 5, 4, None),
-    (3, 29, 35, 2, [29, 11, 1]),
-    (3, 9, 7, 4, [9, 3, 2]),
-    (1, 3, 13, 4, None),  # T shorter than the padding: the reflection folds more than once
-    (1, 1, 3, 2, None),
-    (3, 4, 17, 3, [4, 2, 1]),
+def _res2net_float64(u, weights, bias, scale, shift, a, dilation, frames):
+    """The groups from the definition, in float64: group ``i``'s input is ``u``'s own columns
+    (``i = 1``) or ``y_{i-1} + a u_i``, reflection padded, convolved, ReLU, BatchNorm."""
+    u = u.double()
+    out = u.clone()
+    w = weights[0].shape[0]
+    y = None
+    for i, weight in enumerate(weights, start=1):
+        cols = slice(i * w, (i + 1) * w)
+        x = u[..., cols] if y is None else y + a.double()[cols] * u[..., cols]
+        pad = dilation * (weight.shape[-1] - 1) // 2
+        xp = _reflect(x, pad, frames).transpose(1, 2)
+        r = torch.nn.functional.conv1d(xp, weight.double(), bias[i - 1].double(), dilation=dilation)
+        y = scale[i - 1].double() * r.relu().transpose(1, 2) + shift[i - 1].double()
+        out[..., cols] = y
+    return out
+
+
+CASES = [  # batch, T, width, groups, taps, dilation, valid frames per item (None: all T)
+    (1, 37, 16, 3, 3, 2, None),
+    (1, 50, 48, 3, 3, 3, None),
+    (3, 23, 32, 3, 3, 4, None),
+    (3, 29, 80, 2, 3, 2, [29, 11, 1]),
+    (3, 9, 16, 3, 3, 4, [9, 3, 2]),
+    (1, 3, 16, 3, 3, 4, None),  # T shorter than the padding: the reflection folds more than once
+    (1, 1, 32, 2, 3, 2, None),
+    (3, 4, 16, 3, 5, 1, [4, 2, 1]),
+    (1, 61, 128, 7, 3, 2, None),  # ECAPA-TDNN C = 1024's groups (two panels each)
+    (2, 13, 16, 1, 1, 1, [13, 5]),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("b", "t", "w", "pad", "frames"), CASES)
+@pytest.mark.parametrize(("b", "t", "w", "groups", "taps", "d", "frames"), CASES)
 @pytest.mark.parametrize("view", [False, True])
-def test_group_step_equals_float64_definition(threads, dtype, b, t, w, pad, frames, view):
+def test_res2net_equals_float64_definition(threads, dtype, b, t, w, groups, taps, d, frames, view):
     g = torch.Generator().manual_seed(b * 1000 + t * 10 + w)
-    groups = 4
-    c = groups * w
+    c = (groups + 1) * w
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
     if view:  # u: columns of a wider tensor, batch items not adjacent
-        wide = torch.randn(2 * b, t, c + 9, generator=g, dtype=torch.float64).to(dtype)
-        u = wide[::2, :, 5 : 5 + c]
+        u = rand(2 * b, t, c + 9)[::2, :, 5 : 5 + c]
     else:
-        u = torch.randn(b, t, c, generator=g, dtype=torch.float64).to(dtype)
-    r = torch.randn(b, t, w, generator=g, dtype=torch.float64).to(dtype)
-    scale, shift = (torch.randn(w, generator=g, dtype=torch.float64).to(dtype) for _ in "ab")
-    a = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+        u = rand(b, t, c)
+    weights = [rand(w, w, taps, scale=(w * taps) ** -0.5) for _ in range(groups)]
+    bias, scale, shift = rand(groups, w), rand(groups, w), rand(groups, w)
+    a = rand(c)
     fr = None if frames is None else torch.tensor(frames)
-    before = u.double().clone()
-    buf = torch.full((b, t + 2 * pad, w), float("nan"), dtype=dtype)
-    col, nxt = w, slice(2 * w, 3 * w)
-
-    _group_step(u, col, r, scale, shift, a, buf, fr)
-
-    y = scale.double() * r.double() + shift.double()
-    expected_u = before.clone()
-    expected_u[..., col : col + w] = y
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(u.double(), expected_u, rtol=rtol, atol=atol)
-    inner = y + a[nxt].double() * before[..., nxt]
-    expected = _reflect(inner, pad, frames)
-    torch.testing.assert_close(buf.double(), expected, rtol=rtol, atol=atol)
-    # what the PyTorch path pads (pad_time per item, reflect_edges on a full batch)
-    torch.testing.assert_close(buf.double(), pad_time(inner, pad, fr), rtol=rtol, atol=atol)
-    if frames is None:
-        full = torch.full_like(expected, float("nan"))
-        full[:, pad : pad + t] = inner
-        torch.testing.assert_close(buf.double(), reflect_edges(full, pad), rtol=rtol, atol=atol)
-
-    # the last group: its output only, buf untouched
-    buf.fill_(float("nan"))
-    res2net_kernel.Res2NetGlue(u, buf, a, fr).step(3 * w, r, scale, shift, next_input=False)
-    expected_u[..., 3 * w :] = y
-    torch.testing.assert_close(u.double(), expected_u, rtol=rtol, atol=atol)
-    assert buf.isnan().all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("b", "t", "w", "pad", "frames"), CASES)
-def test_pad_input_equals_pad_time(threads, dtype, b, t, w, pad, frames):
-    g = torch.Generator().manual_seed(t + w)
-    u = torch.randn(b, t, 3 * w + 2, generator=g, dtype=torch.float64).to(dtype)[..., 1:-1]
-    fr = None if frames is None else torch.tensor(frames)
-    buf = torch.full((b, t + 2 * pad, w), float("nan"), dtype=dtype)
-    _pad_input(u, w, buf, fr)
-    x = u[..., w : 2 * w]
-    torch.testing.assert_close(buf, pad_time(x, pad, fr), rtol=0, atol=0)
-    torch.testing.assert_close(buf.double(), _reflect(x.double(), pad, frames), rtol=0, atol=0)
+    expected = _res2net_float64(u, weights, bias, scale, shift, a, d, frames)
+    packed = res2net_kernel.pack_groups(weights, dtype)
+    out = res2net_kernel.res2net(u, packed, bias, scale, shift, a, taps, d, fr)
+    assert out is u
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-5}
+    torch.testing.assert_close(u.double(), expected, **tol)
 
 
 def test_wrong_arguments_are_refused():
-    u, r = torch.randn(2, 10, 32), torch.randn(2, 10, 8)
-    buf, a, s = torch.empty(2, 14, 8), torch.randn(32), torch.randn(8)
-    with pytest.raises(ValueError, match="columns"):
-        _group_step(u, 24, r, s, s, a, buf)  # the next group's would be past C
-    with pytest.raises(ValueError, match="r must be"):
-        _group_step(u, 8, r[:, :9], s, s, a, buf)
-    with pytest.raises(ValueError, match="buf"):
-        _group_step(u, 8, r, s, s, a, torch.empty(2, 13, 8))
-    with pytest.raises(ValueError, match="scale"):
-        _group_step(u, 8, r, s.double(), s, a, buf)
+    w, groups = 16, 3
+    u = torch.randn(2, 10, (groups + 1) * w)
+    packed = res2net_kernel.pack_groups([torch.randn(w, w, 3)] * groups, torch.float32)
+    v, a = torch.randn(groups, w), torch.randn((groups + 1) * w)
+
+    def call(u=u, packed=packed, bias=v, taps=3, a=a, frames=None):
+        res2net_kernel.res2net(u, packed, bias, v, v, a, taps, 2, frames)
+
     with pytest.raises(ValueError, match="unit stride"):
-        _group_step(u.transpose(1, 2).contiguous().transpose(1, 2), 8, r, s, s, a, buf)
-    assert not res2net_kernel.supports(u.bfloat16())
+        call(u=u.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="do not split"):
+        call(u=u[..., :-16])
+    with pytest.raises(ValueError, match="do not split"):
+        call(taps=1)
+    with pytest.raises(ValueError, match="bias"):
+        call(bias=v.double())
+    with pytest.raises(ValueError, match="packed"):
+        call(packed=packed.double())
+    with pytest.raises(ValueError, match="frames"):
+        call(frames=torch.tensor([10]))
+    assert res2net_kernel.supports(u, w, 3)
+    assert not res2net_kernel.supports(u.bfloat16(), w, 3)
+    assert not res2net_kernel.supports(u, 20, 3)  # not whole vectors of 16
 
 
-# widths 5 and 6 (not multiples of 16); dilations 2, 3, 4 pad the groups by 2, 3, 4 frames
+# groups of 16 and 32 channels (whole vectors: the kernel's); dilations 2, 3, 4 pad the
+# groups by 2, 3, 4 frames
 CONFIGS = [
-    EcapaConfig(channels=(40, 40, 40, 40, 120), attention_channels=8, se_channels=8),
-    EcapaConfig(channels=(48, 48, 48, 48, 144), attention_channels=8, se_channels=8),
+    EcapaConfig(channels=(128, 128, 128, 128, 384), attention_channels=8, se_channels=8),
+    EcapaConfig(channels=(256, 256, 256, 256, 768), attention_channels=8, se_channels=8),
 ]
+# groups of 5 channels: the PyTorch path
+ODD = EcapaConfig(channels=(40, 40, 40, 40, 120), attention_channels=8, se_channels=8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -170,16 +159,14 @@ def test_fast_network_with_kernel_equals_pytorch_path_and_reference(
     feats = torch.randn(len(frames), t, 80, dtype=dtype)
     lengths = relative_from_frames(torch.tensor(frames), t) if len(frames) > 1 else None
     calls = []
-    step = res2net_kernel.Res2NetGlue.step
-    monkeypatch.setattr(
-        res2net_kernel.Res2NetGlue, "step", lambda *a, **k: calls.append(1) or step(*a, **k)
-    )
+    run = res2net_kernel.res2net
+    monkeypatch.setattr(res2net_kernel, "res2net", lambda *a: calls.append(1) or run(*a))
     got = fast(feats, lengths)
-    assert len(calls) == 3 * 7  # three blocks of seven groups
+    assert len(calls) == 3  # one per block
     with monkeypatch.context() as m:
-        m.setattr(res2net_kernel, "supports", lambda u: False)
+        m.setattr(res2net_kernel, "supports", lambda *a: False)
         pytorch = fast(feats, lengths)
-    assert len(calls) == 3 * 7
+    assert len(calls) == 3
     with torch.no_grad():
         expected = model(feats, lengths)
     tol = {"atol": 3e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-10}
@@ -189,6 +176,19 @@ def test_fast_network_with_kernel_equals_pytorch_path_and_reference(
         for i, f in enumerate(frames):
             if f > cfg.dilations[-2] * (cfg.kernel_sizes[-2] - 1) // 2:
                 torch.testing.assert_close(fast(feats[i : i + 1, :f]), got[i : i + 1], **tol)
+
+
+def test_groups_of_partial_vectors_take_the_pytorch_path(monkeypatch, random_batchnorm):
+    model = EcapaTDNN(ODD).eval()
+    random_batchnorm(model)
+    calls = []
+    monkeypatch.setattr(res2net_kernel, "res2net", lambda *a: calls.append(1))
+    feats = torch.randn(2, 40, 80)
+    lengths = relative_from_frames(torch.tensor([40, 21]), 40)
+    got = FastEcapa(model)(feats, lengths)
+    assert calls == []
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(feats, lengths), atol=3e-5, rtol=1e-5)
 
 
 def test_fast_network_without_a_compiler(tmp_path, random_batchnorm, without_compiler):

@@ -43,24 +43,8 @@ from core_attention.native import BLOCK, NativeLibrary
 
 __all__ = ["MAX_TAPS", "PANEL", "available", "build_error", "conv", "pack_weight", "supports"]
 
-_SOURCE = r"""
+TILES = r"""
 #include <omp.h>
-
-extern "C" {
-
-// y[b, t, n] = act(bias[b, n] + sum_{j < taps} sum_{k < Cin} x[b, t + j dil, k] W[j, k, n])
-// for t < T, W packed in panels of PANEL output channels (the last one 16, 32 or 48 wide
-// when N is not a multiple of PANEL), each [taps][Cin][width]. Rows have unit stride.
-struct ConvArgs {
-    int64_t B, T, Cin, N, taps, dil;
-    const void* x; int64_t xs, xt;
-    const void* w;
-    const void* bias; int64_t bias_s;
-    void* y; int64_t ys, yt;
-    int64_t relu;
-};
-
-}
 
 namespace {
 
@@ -138,6 +122,30 @@ TileFn<T, V> tile_of(int64_t rows, int64_t nb) {
     }
 }
 
+}  // namespace
+"""
+
+_SOURCE = (
+    TILES
+    + r"""
+extern "C" {
+
+// y[b, t, n] = act(bias[b, n] + sum_{j < taps} sum_{k < Cin} x[b, t + j dil, k] W[j, k, n])
+// for t < T, W packed in panels of PANEL output channels (the last one 16, 32 or 48 wide
+// when N is not a multiple of PANEL), each [taps][Cin][width]. Rows have unit stride.
+struct ConvArgs {
+    int64_t B, T, Cin, N, taps, dil;
+    const void* x; int64_t xs, xt;
+    const void* w;
+    const void* bias; int64_t bias_s;
+    void* y; int64_t ys, yt;
+    int64_t relu;
+};
+
+}
+
+namespace {
+
 // Items [i0, i1): item i is row tile i % (B * tiles) of panel i / (B * tiles). A run of
 // one panel's items passes over the panel KC input channels at a time.
 template <typename T, typename V>
@@ -192,6 +200,7 @@ void split_items(const ConvArgs* a, int64_t items, int64_t threads) {
 
 EXPORT_DISPATCH(conv, ConvArgs, split_items)
 """
+)
 
 PANEL = 64  # output channels per packed panel (PANEL in the source)
 MAX_TAPS = 8  # MAX_TAPS in the source

@@ -94,6 +94,11 @@ class _FastBlock(nn.Module):
         for i, (a, b) in enumerate(_affine(sub.norm) for sub in res2.blocks):
             self.register_buffer(f"ga{i}", a)
             self.register_buffer(f"gb{i}", b)
+        # the groups' BatchNorms and biases stacked, [scale - 1, W], for res2net_kernel
+        self.register_buffer("group_bias", torch.stack([conv.bias for conv in groups]))
+        self.register_buffer("group_scale", torch.stack([_affine(s.norm)[0] for s in res2.blocks]))
+        self.register_buffer("group_shift", torch.stack([_affine(s.norm)[1] for s in res2.blocks]))
+        self._packed_groups: dict[torch.dtype, torch.Tensor] = {}
         self.tdnn2 = _conv_relu(block.tdnn2.conv, a1[:width], b1[:width], slice(0, width))
         a2, b2 = _affine(block.tdnn2.norm)
         se = block.se_block
@@ -110,12 +115,12 @@ class _FastBlock(nn.Module):
         block output into ``out`` ``[B, T, C]`` (may be a view) and returns it."""
         u1 = self.tdnn1(x)
         b, t, _ = u1.shape
-        p = self.groups[0].pad
-        buf = u1.new_empty(b, t + 2 * p, self.width)  # each group's padded input, in turn
-        if res2net_kernel.supports(u1):
-            self._res2net_compiled(u1, buf, frames)
+        taps = self.groups[0].taps
+        if res2net_kernel.supports(u1, self.width, taps):
+            self._res2net_compiled(u1, frames)
         else:
-            self._res2net(u1, buf, frames)
+            p = self.groups[0].pad
+            self._res2net(u1, u1.new_empty(b, t + 2 * p, self.width), frames)
         u2 = self.tdnn2(u1)
         if mask is None:
             m = u2.mean(dim=1)
@@ -155,17 +160,18 @@ class _FastBlock(nn.Module):
             a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
             y = torch.addcmul(c, conv(buf), a, out=u1[..., cols])
 
-    def _res2net_compiled(self, u1, buf, frames):
-        """:meth:`_res2net` with the element-wise work between two groups' convolutions (the
-        BatchNorm, the next group's input, its reflected edges) one pass of
-        :meth:`attn_speech.ecapa.res2net_kernel.Res2NetGlue.step`."""
-        w, n = self.width, len(self.groups)
-        glue = res2net_kernel.Res2NetGlue(u1, buf, self.a1, frames)
-        glue.pad_input(w)
-        for i, conv in enumerate(self.groups, start=1):
-            a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
-            # buf is free once conv has read it: the next group's input goes there
-            glue.step(i * w, conv(buf), a, c, next_input=i < n)
+    def _res2net_compiled(self, u1, frames):
+        """:meth:`_res2net` as one call of :func:`attn_speech.ecapa.res2net_kernel.res2net`."""
+        dtype = u1.dtype
+        packed = self._packed_groups.get(dtype)
+        if packed is None:
+            weights = [conv.weight for conv in self.groups]
+            packed = self._packed_groups[dtype] = res2net_kernel.pack_groups(weights, dtype)
+        first = self.groups[0]
+        res2net_kernel.res2net(
+            u1, packed, self.group_bias.to(dtype), self.group_scale.to(dtype),
+            self.group_shift.to(dtype), self.a1.to(dtype), first.taps, first.dilation, frames,
+        )  # fmt: skip
 
 
 class FastEcapa(nn.Module):

@@ -1,50 +1,38 @@
-"""Compiled CPU kernel for the element-wise glue between the Res2Net groups of an SE-Res2Block
-(Gao et al. 2019, "Res2Net: A New Multi-scale Backbone Architecture"; ECAPA-TDNN's
-SE-Res2Blocks, Desplanques et al. 2020), for :class:`~attn_speech.ecapa.fast._FastBlock`.
+"""Compiled CPU kernel for the Res2Net part of an SE-Res2Block (Gao et al. 2019, "Res2Net: A
+New Multi-scale Backbone Architecture"; ECAPA-TDNN's SE-Res2Blocks, Desplanques et al.
+2020), for :class:`~attn_speech.ecapa.fast._FastBlock`: all groups in one call.
 
 In :mod:`attn_speech.ecapa.fast` the first TDNN's output ``u`` ``[B, T, C]`` (time-major,
 its BatchNorm ``a * u + b`` pending) is split into ``scale`` groups of ``W = C / scale``
-columns. Group ``i >= 1`` convolves (dilated, ReLU fused) its input ``x_i``, reflection
-padded by ``p`` frames, into ``r_i`` ``[B, T, W]``; its output ``y_i = g_i r_i + h_i`` (its
-BatchNorm) replaces the group's own columns of ``u``, and the next group reads
+columns. Group ``i >= 1`` convolves its input ``x_i`` (``k`` taps, dilation ``d``, reflection
+padded by ``p = d (k - 1) / 2`` frames the way SpeechBrain pads, each item at its own last
+valid frame) into ``r_i = relu(conv_i(x_i) + bias_i)``; its output ``y_i = g_i r_i + h_i``
+(its BatchNorm) replaces the group's own columns of ``u``, and the next group reads
 ``x_{i+1} = y_i + a_{i+1} u_{i+1}`` (the shift of ``a u + b`` is folded into the
-convolution). Between two convolutions PyTorch needs three passes and the edges (the
-BatchNorm, the next input, its reflected edges; a gather instead when a padded batch reflects
-each item at its own last frame); :meth:`Res2NetGlue.step` makes them one:
+convolutions' biases, the first group's scale into its weights, so ``x_1 = u_1``).
 
-* ``u[..., col : col + W] = y = scale * r + shift`` (the group's output);
-* ``buf[:, q] = y[:, s(q)] + a[nxt] * u[:, s(q), nxt]`` for every row ``q`` of the next
-  group's padded input ``buf`` ``[B, T + 2p, W]``, ``nxt`` the next ``W`` columns and ``s``
-  SpeechBrain's "same" reflection (:func:`attn_speech.ecapa.layers.reflect_index`: each item
-  reflected at its own last valid frame when ``frames`` is given, the index clamped into
-  ``[0, T)``), so ``buf`` holds what :func:`attn_speech.ecapa.time_conv.pad_time` and
-  :func:`~attn_speech.ecapa.time_conv.reflect_edges` make of the next input, every row.
+:func:`res2net` does all of it in one call, one parallel region:
 
-:meth:`Res2NetGlue.pad_input` is the first group's: ``buf[:, q] = u[:, s(q), col : col + W]``.
+* the convolutions are the register-blocked tiles of :mod:`attn_speech.ecapa.conv_kernel`
+  (6 rows by 64 channels), on unpadded inputs: a tile reads each tap's rows through the
+  reflection index, so no padded copy is ever made;
+* a tile's epilogue applies the BatchNorm, writes ``y`` into ``u`` and the next group's input
+  row into the other of two ``[B, T, W]`` buffers, while both are in registers and L1;
+* the threads split each group's tiles as the convolution kernel does (one 64-channel panel
+  each at ``W = 128``) and meet at a barrier between groups, the only point where a group's
+  input is complete.
 
-A work item is a chunk of 16 rows of ``buf`` of one batch item, vectorised over the ``W``
-columns in blocks of 16 (unit stride along ``W``); the row ``q = p + t`` of the interior also
-writes ``y`` at ``t``, so every output row is written by exactly one item. Rows read from a
-reflected frame recompute ``y`` there from ``r`` (which is never written), so no item reads
-what another writes. ``u``'s rows are ``C`` apart (4 KiB at ``C = 1024``), beyond the
-hardware prefetchers' reach, so the kernel prefetches the rows four ahead.
-
-Thread ``k`` of ``n`` takes the ``k``-th of ``n`` equal runs of items, rows in order: the
-split oneDNN's convolutions and PyTorch's element-wise operations make of ``[B, T, W]`` rows,
-so each core reads the rows of ``r`` its convolution thread just wrote and writes the rows of
-``buf`` and ``u`` it will read next, in its own cache (on one thread, the next convolution
-fetched half its input from the other core's cache and lost what the pass saved). The pass
-itself (over ``r``, ``buf`` and two ``W``-column strips of
-``u``) takes about 10 us at ``T = 500``, ``W = 128``; its Python side is kept to a few
-microseconds a group (:class:`Res2NetGlue` checks the tensors once per call of the block).
+The PyTorch path it replaces took, per group, a oneDNN convolution and a pass of BatchNorm,
+next input and reflected edges, each with its Python and dispatch costs.
 
 The C++ source is compiled on first use by :class:`core_attention.native.NativeLibrary`;
 :func:`available` is False where there is no compiler or the build fails, and callers then
-use their PyTorch code. Inference only: no gradients.
+use their PyTorch code. Inference only: no gradients. Float32 and float64.
 
-Shapes: ``u`` ``[B, T, C]`` (unit stride along ``C``; may be a view); ``r`` ``[B, T, W]``;
-``scale``, ``shift`` ``[W]``; ``a`` ``[C]``; ``buf`` ``[B, T + 2p, W]`` (unit stride along
-``W``); ``frames`` ``[B]`` valid frames (``None``: all ``T``).
+Shapes: ``u`` ``[B, T, C]`` (unit stride along ``C``; may be a view), ``C = scale W``, ``W`` a
+multiple of 16 and at most 1024; per group (``scale - 1`` of them) the weights ``[W, W, k]``
+as :func:`pack_groups` packs them, ``bias``, ``scale``, ``shift`` ``[scale - 1, W]``; ``a``
+``[C]``; ``frames`` ``[B]`` valid frames (``None``: all ``T``).
 """
 
 from __future__ import annotations
@@ -53,29 +41,26 @@ import ctypes
 
 import torch
 
-from core_attention.native import NativeLibrary, addr
+from attn_speech.ecapa import conv_kernel
+from core_attention.native import BLOCK, NativeLibrary, addr
 
-__all__ = ["Res2NetGlue", "available", "build_error", "supports"]
+__all__ = ["available", "build_error", "pack_groups", "res2net", "supports"]
 
-_SOURCE = r"""
-#include <omp.h>
-
-#include <type_traits>
-
+_SOURCE = (
+    conv_kernel.TILES
+    + r"""
 extern "C" {
 
-// For every row q < T + 2 pad of buf (items: chunks of ROWS rows of a batch item), s the
-// reflection of frame q - pad: buf[q] = y(s) + a x[s] (x[s] when r is null; no buf when x is
-// null), y(t) = scale r[t] + shift; out[t] = y(t) for interior rows q = pad + t (when r is
-// given). All [.., W] rows have unit stride along W.
-struct StepArgs {
-    int64_t T, W, pad;
-    const void* r; int64_t rs, rt;
-    const void* scale; const void* shift;
-    void* out; int64_t os, ot;
-    const void* x; int64_t xs, xt;
+// Groups g = 1 .. G of u [B, T, C] (columns g W .. (g + 1) W; rows unit stride), weights w
+// [G][W W taps] (conv_kernel's panels), bias, scale, shift [G][W], a [C]; p: two [B, T, W]
+// buffers, ps elements apart.
+struct BlockArgs {
+    int64_t B, T, W, G, taps, dil;
+    void* u; int64_t us, ut;
+    const void* w;
+    const void* bias; const void* scale; const void* shift;
     const void* a;
-    void* buf; int64_t bs, bt;
+    void* p; int64_t ps;
     const int64_t* frames;
 };
 
@@ -83,231 +68,175 @@ struct StepArgs {
 
 namespace {
 
-// Rows ahead of the current one whose columns of u are prefetched: u's rows are C apart (4 KiB
-// and more), so the hardware prefetchers, which stay within a page, fetch none of them.
-constexpr int64_t AHEAD = 4;
-constexpr int64_t ROWS = 16;
-// f(c, w) on the blocks of 16 columns of a W-column row, w = 16 a compile-time constant on
-// all but the last, partial, block.
-template <typename F>
-inline void blocks(int64_t W, F f) {
-    int64_t c = 0;
-    for (; c + BLOCK <= W; c += BLOCK) f(c, std::integral_constant<int64_t, BLOCK>{});
-    if (c < W) f(c, W - c);
-}
-
-template <typename T>
-inline void prefetch_row(const T* p, int64_t W, int write) {
-    for (int64_t c = 0; c < W; c += 64 / sizeof(T)) __builtin_prefetch(p + c, write);
+// SpeechBrain's "same" reflection of frame t of an item whose last valid frame is last,
+// clamped into [0, T) (lengths shorter than the padding)
+inline int64_t reflect(int64_t t, int64_t last, int64_t T) {
+    t = t < 0 ? -t : t;
+    t = t > last ? 2 * last - t : t;
+    return t < 0 ? 0 : (t > T - 1 ? T - 1 : t);
 }
 
 template <typename T, typename V>
-void step_items(const StepArgs& g, int64_t item0, int64_t item1) {
-    const int64_t n = g.T, W = g.W, pad = g.pad, rows = n + 2 * pad;
-    const int64_t chunks = (rows + ROWS - 1) / ROWS;
-    const int64_t rt = g.rt, ot = g.ot, xt = g.xt, bt = g.bt;
-    const T* sc = (const T*)g.scale;
-    const T* sh = (const T*)g.shift;
-    const T* av = (const T*)g.a;
-    for (int64_t item = item0; item < item1; ++item) {
-        const int64_t i = item / chunks, q0 = item % chunks * ROWS;
-        const int64_t q1 = q0 + ROWS < rows ? q0 + ROWS : rows;
-        int64_t last = g.frames ? g.frames[i] - 1 : n - 1;
-        last = last < 0 ? 0 : last;
-        const T* r = g.r ? (const T*)g.r + i * g.rs : nullptr;
-        T* out = g.out ? (T*)g.out + i * g.os : nullptr;
-        const T* x = g.x ? (const T*)g.x + i * g.xs : nullptr;
-        T* buf = g.x ? (T*)g.buf + i * g.bs : nullptr;
-        for (int64_t q = q0; q < q1; ++q) {
-            const int64_t t = q - pad;
-            const bool inside = t >= 0 && t < n;
-            if (x == nullptr && !inside) continue;
-            int64_t s = t < 0 ? -t : t;
-            s = s > last ? 2 * last - s : s;
-            s = s < 0 ? 0 : (s > n - 1 ? n - 1 : s);
-            if (AHEAD > 0 && t + AHEAD >= 0 && t + AHEAD < n) {
-                if (x) prefetch_row(x + (t + AHEAD) * xt, W, 0);
-                if (r) prefetch_row(out + (t + AHEAD) * ot, W, 1);
-            }
-            T* bq = x ? buf + q * bt : nullptr;
-            const T* xs = x ? x + s * xt : nullptr;
-            if (r == nullptr) {  // the first group: its input is x itself
-                blocks(W, [&](int64_t c, auto w) { store(bq + c, load<V>(xs + c, w), w); });
-            } else if (inside && s == t && x) {  // the interior: y once, for both outputs
-                const T* rq = r + t * rt;
-                T* oq = out + t * ot;
-                blocks(W, [&](int64_t c, auto w) {
-                    const V y = load<V>(sc + c, w) * load<V>(rq + c, w) + load<V>(sh + c, w);
-                    store(oq + c, y, w);
-                    store(bq + c, y + load<V>(av + c, w) * load<V>(xs + c, w), w);
-                });
-            } else {
-                if (inside) {
-                    const T* rq = r + t * rt;
-                    T* oq = out + t * ot;
-                    blocks(W, [&](int64_t c, auto w) {
-                        const V y = load<V>(sc + c, w) * load<V>(rq + c, w) + load<V>(sh + c, w);
-                        store(oq + c, y, w);
-                    });
-                }
-                if (x) {  // a reflected row: y recomputed at frame s
-                    const T* rs = r + s * rt;
-                    blocks(W, [&](int64_t c, auto w) {
-                        const V y = load<V>(sc + c, w) * load<V>(rs + c, w) + load<V>(sh + c, w);
-                        store(bq + c, y + load<V>(av + c, w) * load<V>(xs + c, w), w);
-                    });
+void block(const BlockArgs& g, int64_t k, int64_t n) {
+    const int64_t W = g.W, tiles = (g.T + ROWS - 1) / ROWS, per_panel = g.B * tiles;
+    const int64_t items = (W + PANEL - 1) / PANEL * per_panel;
+    const int64_t i0 = items * k / n, i1 = items * (k + 1) / n;
+    const int64_t half = (g.taps - 1) / 2, wsize = W * W * g.taps;
+    T* u = (T*)g.u;
+    T* p = (T*)g.p;
+    const T* a = (const T*)g.a;
+    // the first group's input: u's columns W .. 2W, which its output will overwrite
+    const int64_t rows_all = g.B * g.T;
+    for (int64_t row = rows_all * k / n; row < rows_all * (k + 1) / n; ++row)
+        std::memcpy(p + g.ps + row * W, u + row / g.T * g.us + row % g.T * g.ut + W,
+                    W * sizeof(T));
+#pragma omp barrier
+    const T* rows[ROWS * MAX_TAPS];
+    alignas(64) T r_tile[ROWS * PANEL];
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+        const T* in = p + ((gi + 1) & 1) * g.ps;
+        T* next = gi + 1 < g.G ? p + (gi & 1) * g.ps : nullptr;
+        const int64_t col = (gi + 1) * W;
+        const T* wg = (const T*)g.w + gi * wsize;
+        const T* bias = (const T*)g.bias + gi * W;
+        const T* sc = (const T*)g.scale + gi * W;
+        const T* sh = (const T*)g.shift + gi * W;
+        for (int64_t item = i0; item < i1; ++item) {
+            const int64_t n0 = item / per_panel * PANEL;
+            const int64_t width = W - n0 < PANEL ? W - n0 : PANEL;
+            const int64_t b = item % per_panel / tiles, kt = item % tiles;
+            const int64_t t0 = kt * g.T / tiles, r = (kt + 1) * g.T / tiles - t0;
+            int64_t last = g.frames ? g.frames[b] - 1 : g.T - 1;
+            last = last < 0 ? 0 : last;
+            const T* in_b = in + b * g.T * W;
+            for (int64_t j = 0; j < g.taps; ++j)
+                for (int64_t q = 0; q < r; ++q)
+                    rows[j * r + q] = in_b + reflect(t0 + q + (j - half) * g.dil, last, g.T) * W;
+            tile_of<T, V>(r, width / BLOCK)(rows, g.taps, W, wg + n0 * g.taps * W, W * width,
+                                            bias + n0, 0, r_tile, width, true);
+            for (int64_t q = 0; q < r; ++q) {
+                T* uq = u + b * g.us + (t0 + q) * g.ut;
+                T* nq = next ? next + (b * g.T + t0 + q) * W : nullptr;
+                for (int64_t c = n0; c < n0 + width; c += BLOCK) {
+                    const V y = ld<V>(sc + c) * ld<V>(r_tile + q * width + c - n0) + ld<V>(sh + c);
+                    st(uq + col + c, y);
+                    if (nq) st(nq + c, y + ld<V>(a + col + W + c) * ld<V>(uq + col + W + c));
                 }
             }
+        }
+        if (next) {
+#pragma omp barrier
         }
     }
 }
 
-// Thread k of n takes the k-th of n equal runs of items (rows in order): the split PyTorch's
-// element-wise operations and oneDNN's convolutions make of [B, T, W] rows, so each thread
-// writes the rows its core's cache will be asked for next, and reads those it wrote before.
 template <typename T, typename V>
-void split_items(const StepArgs* a, int64_t items, int64_t threads) {
+void run_block(const BlockArgs* a, int64_t items, int64_t threads) {
     if (threads <= 1) {
-        step_items<T, V>(*a, 0, items);
+        block<T, V>(*a, 0, 1);
         return;
     }
 #pragma omp parallel num_threads(threads)
-    {
-        const int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
-        step_items<T, V>(*a, items * k / n, items * (k + 1) / n);
-    }
+    block<T, V>(*a, omp_get_thread_num(), omp_get_num_threads());
 }
 
 }  // namespace
 
-EXPORT_DISPATCH(step, StepArgs, split_items)
+EXPORT_DISPATCH(res2net, BlockArgs, run_block)
 """
+)
 
-_ROWS = 16  # rows of buf per work item (ROWS in the source)
-# elements below which one thread runs: above, the threads share the rows the way PyTorch's
-# element-wise operations and oneDNN's convolutions do (see the module docstring)
-_SHARED_WORK = 1 << 12
+_ROWS = 6  # output rows per tile (ROWS in conv_kernel's source)
+_MAX_WIDTH = 1024  # input channels of one pass over a panel (KC there)
+_SHARED_WORK = 1 << 16  # multiply-adds below which one thread runs
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-class _StepArgs(ctypes.Structure):
+class _BlockArgs(ctypes.Structure):
     _fields_ = [
-        ("T", _i64), ("W", _i64), ("pad", _i64),
-        ("r", _ptr), ("rs", _i64), ("rt", _i64),
-        ("scale", _ptr), ("shift", _ptr),
-        ("out", _ptr), ("os", _i64), ("ot", _i64),
-        ("x", _ptr), ("xs", _i64), ("xt", _i64),
+        ("B", _i64), ("T", _i64), ("W", _i64), ("G", _i64), ("taps", _i64), ("dil", _i64),
+        ("u", _ptr), ("us", _i64), ("ut", _i64),
+        ("w", _ptr),
+        ("bias", _ptr), ("scale", _ptr), ("shift", _ptr),
         ("a", _ptr),
-        ("buf", _ptr), ("bs", _i64), ("bt", _i64),
+        ("p", _ptr), ("ps", _i64),
         ("frames", _ptr),
     ]  # fmt: skip
 
 
-_LIBRARY = NativeLibrary("res2net_glue", _SOURCE, {"step": _StepArgs})
+_LIBRARY = NativeLibrary("res2net", _SOURCE, {"res2net": _BlockArgs})
 _DTYPES = (torch.float32, torch.float64)
-
 
 available = _LIBRARY.available  # whether the kernel builds and loads (built on first call)
 build_error = _LIBRARY.build_error  # why it does not, if it does not
-supports = _LIBRARY.takes  # whether it takes these tensors (CPU float32/float64, no tracer)
 
 
-def _vector(v: torch.Tensor, dtype: torch.dtype, size: int, name: str) -> torch.Tensor:
-    if v.dtype != dtype or v.dim() != 1 or v.shape[0] != size or v.stride(0) != 1:
-        raise ValueError(f"{name} must be a contiguous {dtype} vector of {size} entries")
+def supports(u: torch.Tensor, width: int, taps: int) -> bool:
+    """Whether :func:`res2net` takes ``u`` with groups of ``width`` channels and ``taps``
+    taps: CPU float32/float64, ``width`` a multiple of 16 up to 1024, at most
+    :data:`conv_kernel.MAX_TAPS` taps, no tracer, the library available."""
+    return (
+        width % BLOCK == 0
+        and width <= _MAX_WIDTH
+        and taps <= conv_kernel.MAX_TAPS
+        and _LIBRARY.takes(u)
+    )
+
+
+def pack_groups(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The groups' ``[W, W, k]`` weights packed for :func:`res2net`, ``[G, W W k]``."""
+    return torch.stack([conv_kernel.pack_weight(w, dtype) for w in weights])
+
+
+def _rows(v: torch.Tensor, dtype: torch.dtype, shape: tuple, name: str) -> torch.Tensor:
+    if v.dtype != dtype or v.shape != shape or not v.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)}")
     return v
 
 
-class Res2NetGlue:
-    """The glue of one Res2Net call: ``u`` ``[B, T, C]`` (unit stride along ``C``), the padded
-    input buffer ``buf`` ``[B, T + 2p, W]`` (unit stride along ``W``), ``a`` ``[C]`` (the
-    factor of ``u`` in the groups' inputs) and ``frames`` ``[B]`` (``None``: all ``T``),
-    checked once; each call then sets the few arguments that change (a few microseconds of
-    Python a group: the kernel itself takes about ten at ``T = 500``, ``W = 128``).
-    """
-
-    def __init__(
-        self,
-        u: torch.Tensor,
-        buf: torch.Tensor,
-        a: torch.Tensor,
-        frames: torch.Tensor | None = None,
-    ) -> None:
-        dtype = u.dtype
-        if dtype not in _DTYPES or not u.is_cpu:
-            raise ValueError(f"u must be float32 or float64 on the CPU, got {dtype} {u.device}")
-        batch, t, c = u.shape
-        width = buf.shape[-1]
-        pad, odd = divmod(buf.shape[1] - t, 2)
-        if t < 1 or u.stride(2) != 1:
-            raise ValueError(f"u {tuple(u.shape)} needs frames and unit stride along C")
-        if buf.shape != (batch, t + 2 * pad, width) or odd or buf.dtype != dtype:
-            raise ValueError(f"buf {tuple(buf.shape)} is not [{batch}, {t} + 2 pad, W] {dtype}")
-        if buf.stride(2) != 1 or not buf.is_cpu or width < 1:
-            raise ValueError("buf needs unit stride along its columns")
-        self.a = _vector(a, dtype, c, "a")
-        if frames is not None:
-            frames = frames.to(torch.int64).contiguous()
-            if frames.shape != (batch,):
-                raise ValueError(f"frames must be [{batch}]")
-        self.u, self.buf, self.frames = u, buf, frames  # alive while the kernel reads them
-        self.dtype, self.shape, self.columns = dtype, (batch, t, width), c
-        self._size = u.element_size()
-        self._base = u.data_ptr()
-        self._a = self.a.data_ptr()
-        us, ut, _ = u.stride()
-        bs, bt, _ = buf.stride()
-        self._args = _StepArgs(
-            t, width, pad, None, 0, 0, None, None, None, us, ut, None, us, ut, None,
-            buf.data_ptr(), bs, bt, addr(frames),
-        )  # fmt: skip
-        rows = t + 2 * pad
-        self._items, self._work = batch * -(-rows // _ROWS), batch * rows * width
-        if not available():
-            raise RuntimeError(f"the Res2Net kernel is not available: {build_error()}")
-
-    def _columns(self, col: int, count: int) -> None:
-        if col < 0 or col + count * self.shape[2] > self.columns:
-            raise ValueError(f"columns {col} + {count} x {self.shape[2]} of u's {self.columns}")
-
-    def _call(self) -> None:
-        _LIBRARY.run("step", self.dtype, self._args, self._items, self._work, _SHARED_WORK)
-
-    def pad_input(self, col: int) -> None:
-        """``buf`` = ``u[..., col : col + W]`` reflection padded (each item at its own last
-        valid frame), as :func:`attn_speech.ecapa.time_conv.pad_time`."""
-        self._columns(col, 1)
-        args = self._args
-        args.r = args.out = args.a = None
-        args.x = self._base + col * self._size
-        self._call()
-
-    def step(
-        self,
-        col: int,
-        r: torch.Tensor,
-        scale: torch.Tensor,
-        shift: torch.Tensor,
-        next_input: bool = True,
-    ) -> None:
-        """``y = scale * r + shift`` written over ``u[..., col : col + W]`` and, with
-        ``next_input``, ``buf`` = ``y + a[nxt] * u[..., nxt]`` reflection padded, ``nxt``
-        the next ``W`` columns ``col + W : col + 2 W``. ``r`` ``[B, T, W]``; ``scale``,
-        ``shift`` ``[W]``."""
-        self._columns(col, 2 if next_input else 1)
-        dtype, width = self.dtype, self.shape[2]
-        if r.shape != self.shape or r.dtype != dtype or r.stride(2) != 1 or not r.is_cpu:
-            raise ValueError(f"r must be {dtype} {self.shape} with unit stride along W")
-        args = self._args
-        args.r = r.data_ptr()
-        args.rs, args.rt, _ = r.stride()
-        args.scale = _vector(scale, dtype, width, "scale").data_ptr()
-        args.shift = _vector(shift, dtype, width, "shift").data_ptr()
-        args.out = self._base + col * self._size
-        if next_input:
-            nxt = (col + width) * self._size
-            args.x, args.a = self._base + nxt, self._a + nxt
-        else:
-            args.x = args.a = None
-        self._call()
+def res2net(
+    u: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    a: torch.Tensor,
+    taps: int,
+    dilation: int,
+    frames: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Groups ``1 .. G`` of ``u`` in place (see the module docstring); returns ``u``."""
+    dtype = u.dtype
+    if dtype not in _DTYPES or not u.is_cpu or u.dim() != 3 or u.stride(2) != 1:
+        raise ValueError("u must be [B, T, C] float32/float64 on the CPU with unit stride along C")
+    batch, t, c = u.shape
+    groups, size = packed.shape
+    width = c // (groups + 1)
+    if t < 1 or width * (groups + 1) != c or size != width * width * taps:
+        raise ValueError(f"packed weights {tuple(packed.shape)} do not split u {tuple(u.shape)}")
+    if width % BLOCK or width > _MAX_WIDTH or not 1 <= taps <= conv_kernel.MAX_TAPS:
+        raise ValueError(f"groups of {width} channels with {taps} taps: not supported")
+    _rows(packed, dtype, (groups, size), "packed")
+    for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
+        _rows(v, dtype, (groups, width), name)
+    _rows(a, dtype, (c,), "a")
+    if frames is not None:
+        frames = frames.to(torch.int64).contiguous()
+        if frames.shape != (batch,):
+            raise ValueError(f"frames must be [{batch}]")
+    buffers = u.new_empty(2, batch * t * width)
+    us, ut, _ = u.stride()
+    args = _BlockArgs(
+        batch, t, width, groups, taps, dilation,
+        u.data_ptr(), us, ut,
+        packed.data_ptr(),
+        bias.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+        a.data_ptr(),
+        buffers.data_ptr(), buffers.stride(0),
+        addr(frames),
+    )  # fmt: skip
+    items = -(-width // conv_kernel.PANEL) * batch * -(-t // _ROWS)
+    work = groups * batch * t * width * width * taps
+    _LIBRARY.run("res2net", dtype, args, items, work, _SHARED_WORK)
+    return u

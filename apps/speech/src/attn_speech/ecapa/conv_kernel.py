@@ -65,6 +65,13 @@ inline void st(T* p, V v) {
     std::memcpy(p, &v, sizeof(V));
 }
 
+// x in every lane, one broadcast: x - 0 is x for every x, so the subtraction folds away
+// (V{} + x would not: -0 + 0 is +0)
+template <typename V, typename T>
+inline V splat(T x) {
+    return x - V{};
+}
+
 // One R x (NB * 16) tile over kc input channels of every tap: acc starts from init (rows
 // it apart; 0: the bias for every row) and is written to y, through a ReLU when relu.
 // a[j * R + r] points at input row r of tap j, at the first of the kc channels; w at the
@@ -83,7 +90,7 @@ void tile(const T* const* a, int64_t taps, int64_t kc, const T* w, int64_t wtap,
             V b[NB];
             for (int c = 0; c < NB; ++c) b[c] = ld<V>(wj + (k * NB + c) * BLOCK);
             for (int r = 0; r < R; ++r) {
-                const V s = V{} + aj[r][k];
+                const V s = splat<V>(aj[r][k]);
                 for (int c = 0; c < NB; ++c) acc[r][c] += s * b[c];
             }
         }

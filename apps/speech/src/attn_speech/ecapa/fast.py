@@ -31,7 +31,6 @@ not depend on batch-mates.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attn_speech.ecapa import res2net_kernel
@@ -102,11 +101,10 @@ class _FastBlock(nn.Module):
         self.tdnn2 = _conv_relu(block.tdnn2.conv, a1[:width], b1[:width], slice(0, width))
         a2, b2 = _affine(block.tdnn2.norm)
         se = block.se_block
-        w1 = se.conv1.conv.weight[:, :, 0].detach()
-        self.register_buffer("se_w1", (w1 * a2[None, :]).clone())
-        self.register_buffer("se_b1", (se.conv1.conv.bias.detach() + w1 @ b2).clone())
-        self.register_buffer("se_w2", se.conv2.conv.weight[:, :, 0].detach().clone())
-        self.register_buffer("se_b2", se.conv2.conv.bias.detach().clone())
+        # the squeeze-excitation's two layers on the [B, 1, C] mean, as TimeConvs: on the
+        # CPU their weights (read from memory once per call) are split across the threads
+        self.se1 = _conv_relu(se.conv1, a2, b2)
+        self.se2 = TimeConv(se.conv2.conv.weight, se.conv2.conv.bias, relu=False)
         self.register_buffer("a2", a2)
         self.register_buffer("b2", b2)
 
@@ -126,9 +124,7 @@ class _FastBlock(nn.Module):
             m = u2.mean(dim=1)
         else:
             m = (u2 * mask).sum(dim=1) / mask.sum(dim=1)
-        g = torch.sigmoid(
-            F.linear(F.relu(F.linear(m, self.se_w1, self.se_b1)), self.se_w2, self.se_b2)
-        )
+        g = torch.sigmoid(self.se2(self.se1(m[:, None, :]))[:, 0])
         shift = (self.b2 * g)[:, None, :]
         gain = (self.a2 * g)[:, None, :]
         if self.implicit_input:
@@ -200,9 +196,8 @@ class FastEcapa(nn.Module):
         self.mfa = _conv_relu(model.mfa.conv)
         self.asp = FastAttentivePooling(model.asp, *_affine(model.mfa.norm))
         a, b = _affine(model.asp_bn)
-        w = model.fc.conv.weight[:, :, 0].detach()
-        self.register_buffer("fc_w", (w * a[None, :]).clone())
-        self.register_buffer("fc_b", (model.fc.conv.bias.detach() + w @ b).clone())
+        self.fc = _conv_relu(model.fc, a, b)
+        self.fc.relu = False
         self.input_size = cfg.input_size
         self.eval()
 
@@ -227,4 +222,4 @@ class FastEcapa(nn.Module):
             # them there (oneDNN takes the row stride as it is)
             h = block(h, agg[..., i * self.width : (i + 1) * self.width], frames, mask)
         pooled = self.asp(self.mfa(agg), frames)
-        return F.linear(pooled.to(self.fc_w.dtype), self.fc_w, self.fc_b)[:, None, :]
+        return self.fc(pooled.to(self.fc.weight.dtype)[:, None, :])

@@ -55,8 +55,9 @@ class FastAttentivePooling(nn.Module):
         self.register_buffer("a", a.detach().clone())
         self.register_buffer("b", b.detach().clone())
         self.register_buffer("a2", (a * a).detach().clone())
-        self.register_buffer("w_ctx", w[:, c:].clone())  # [A, 2C] (empty without context)
         self.hidden = TimeConv((w[:, :c] * a[None, :])[..., None], bias + w[:, :c] @ b)
+        if self.global_context:  # [mean; std] -> the hidden layer's bias, a [B, 1, 2C] input
+            self.context = TimeConv(w[:, c:, None], self.hidden.bias, relu=False)
         hidden_a, hidden_b = _bn_affine(asp.tdnn.norm.norm)
         self.register_buffer("hidden_a", hidden_a)
         self.register_buffer("hidden_b", hidden_b)
@@ -78,7 +79,7 @@ class FastAttentivePooling(nn.Module):
                 stats = pooling_kernel.mean_std(u, self.a, self.b, self.eps, frames)
             else:
                 stats = self._mean_std(u, frames, valid)
-            context = stats @ self.w_ctx.T + self.hidden.bias
+            context = self.context(stats[:, None, :])[:, 0]
         else:
             context = self.hidden.bias.expand(b, -1)
         if b == 1:

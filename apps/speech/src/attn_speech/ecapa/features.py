@@ -94,6 +94,11 @@ class Fbank(nn.Module):
         db = 10.0 * torch.log10(torch.clamp(fb, min=self.config.amin))
         t = db.shape[1]
         frames = self.frames(samples).clamp(max=t)
+        if bool((frames == t).all()):  # no padding: no masks
+            torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - self.config.top_db, out=db)
+            if self.mean_norm:
+                db -= db.mean(dim=1, keepdim=True)
+            return db, torch.ones(b, device=db.device)
         valid = frame_mask(frames, t, device=db.device)[:, :, None]  # [B, T, 1]
         peak = db.masked_fill(~valid, -math.inf).amax(dim=(1, 2), keepdim=True)
         db = torch.maximum(db, peak - self.config.top_db)

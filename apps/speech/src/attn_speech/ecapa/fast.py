@@ -4,21 +4,21 @@
 et al. 2020) computes in eval mode (to float32 rounding) with fewer passes over the
 activations:
 
-* activations are time-major, ``[B, T, C]``, the layout oneDNN's convolutions with
-  reordered weights read and write (:mod:`attn_speech.ecapa.time_conv`), so no layer
+* activations are time-major, ``[B, T, C]``, the layout the convolutions of
+  :mod:`attn_speech.ecapa.time_conv` read and write (on the CPU the compiled kernel of
+  :mod:`attn_speech.ecapa.conv_kernel`, or oneDNN's with packed weights), so no layer
   transposes its input;
 * every TDNN layer is ``BN(relu(conv(x)))``; the ReLU runs inside the convolution and the
   BatchNorm affine ``a * u + b`` is folded into the layers that read it: ``W (a u + b) + c
-  = (W a) u + (W b + c)`` for convolutions and the squeeze-excitation's mean, and ``a * u``
-  into the additions that must stay explicit;
-* each Res2Net group is written straight into the padded buffer its dilated convolution
-  reads (only the reflected edge rows are copied), and the groups' outputs over the columns
-  of the first TDNN's output they were computed from, which is then the concatenation the
-  next TDNN reads, so no concatenation or padding copies; on the CPU in float32/float64 the
-  work between two groups' convolutions (the BatchNorm, the next group's input, its
-  reflected edges) is one pass of the compiled kernel of
-  :mod:`attn_speech.ecapa.res2net_kernel`, elsewhere (no compiler, bfloat16, other devices)
-  PyTorch operations;
+  = (W a) u + (W b + c)`` for convolutions and the squeeze-excitation's first layer, and
+  ``a * u`` into the additions that must stay explicit;
+* each Res2Net group's output goes over the columns of the first TDNN's output it was
+  computed from, which is then the concatenation the next TDNN reads, so no concatenation
+  copies; on the CPU in float32/float64 all groups of a block are one call of the compiled
+  kernel of :mod:`attn_speech.ecapa.res2net_kernel` (convolutions, BatchNorms, the next
+  group's input and its reflected edges fused), elsewhere (no compiler, bfloat16, other
+  devices) each group's input is written into the padded buffer its dilated convolution
+  reads, with PyTorch operations;
 * attentive statistics pooling reads the aggregation's output with its BatchNorm still
   pending and runs the per-channel softmax directly
   (:mod:`attn_speech.ecapa.fast_pooling`); the final BatchNorm is folded into the embedding

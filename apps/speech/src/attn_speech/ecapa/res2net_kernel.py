@@ -112,6 +112,15 @@ void block(const BlockArgs& g, int64_t k, int64_t n) {
             for (int64_t j = 0; j < g.taps; ++j)
                 for (int64_t q = 0; q < r; ++q)
                     rows[j * r + q] = in_b + reflect(t0 + q + (j - half) * g.dil, last, g.T) * W;
+            // u's rows are C apart (4 KiB at C = 1024), beyond the hardware prefetchers'
+            // reach: fetch what the epilogue writes and reads while the tile computes
+            for (int64_t q = 0; q < r; ++q) {
+                const T* uq = u + b * g.us + (t0 + q) * g.ut + col + n0;
+                for (int64_t c = 0; c < width; c += 64 / sizeof(T)) {
+                    __builtin_prefetch(uq + c, 1);
+                    if (next) __builtin_prefetch(uq + W + c, 0);
+                }
+            }
             tile_of<T, V>(r, width / BLOCK)(rows, g.taps, W, wg + n0 * g.taps * W, W * width,
                                             bias + n0, 0, r_tile, width, true);
             for (int64_t q = 0; q < r; ++q) {

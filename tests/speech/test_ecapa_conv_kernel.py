@@ -22,7 +22,7 @@ def _reference(x, w, bias, dilation, relu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
     ("b", "t", "cin", "cout", "k", "d"),
     [
@@ -85,3 +85,11 @@ def test_conv_refuses_bad_arguments():
     assert not conv_kernel.supports(x, torch.randn(20, 8, 1))  # outputs not whole vectors
     assert not conv_kernel.supports(x, torch.randn(16, 8, 9))  # more taps than the kernel has
     assert not conv_kernel.supports(x.bfloat16(), w)
+
+
+def test_layers_take_the_kernel_only_with_wide_registers(monkeypatch):
+    x, w = torch.randn(1, 5, 8), torch.randn(16, 8, 1)
+    monkeypatch.setattr(conv_kernel, "WIDE_REGISTERS", True)
+    assert conv_kernel.supports(x, w)
+    monkeypatch.setattr(conv_kernel, "WIDE_REGISTERS", False)
+    assert not conv_kernel.supports(x, w)

@@ -29,6 +29,7 @@ def conv_path(request, monkeypatch):
     if request.param == "native":
         if not conv_kernel.available():
             pytest.skip(f"the convolution kernel does not build: {conv_kernel.build_error()}")
+        monkeypatch.setattr(conv_kernel, "WIDE_REGISTERS", True)  # also on AVX2-only CPUs
         return request.param
     monkeypatch.setattr(time_conv, "NATIVE", False)
     if request.param == "gemm":

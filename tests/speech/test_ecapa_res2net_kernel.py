@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from attn_speech.ecapa import res2net_kernel
+from attn_speech.ecapa import conv_kernel, res2net_kernel
 from attn_speech.ecapa.config import EcapaConfig
 from attn_speech.ecapa.fast import FastEcapa
 from attn_speech.ecapa.lengths import relative_from_frames
@@ -21,6 +21,12 @@ pytestmark = pytest.mark.skipif(
     not res2net_kernel.available(),
     reason=f"no compiled Res2Net kernel: {res2net_kernel.build_error()}",
 )
+
+
+@pytest.fixture(autouse=True)
+def _wide_registers(monkeypatch):
+    """The kernels run on AVX2-only CPUs as well (FastEcapa takes them only with AVX-512)."""
+    monkeypatch.setattr(conv_kernel, "WIDE_REGISTERS", True)
 
 
 @pytest.fixture(params=[1, 3])
@@ -108,7 +114,7 @@ def test_res2net_equals_float64_definition(threads, dtype, b, t, w, groups, taps
     torch.testing.assert_close(u.double(), expected, **tol)
 
 
-def test_wrong_arguments_are_refused():
+def test_wrong_arguments_are_refused(monkeypatch):
     w, groups = 16, 3
     u = torch.randn(2, 10, (groups + 1) * w)
     packed = res2net_kernel.pack_groups([torch.randn(w, w, 3)] * groups, torch.float32)
@@ -132,6 +138,8 @@ def test_wrong_arguments_are_refused():
     assert res2net_kernel.supports(u, w, 3)
     assert not res2net_kernel.supports(u.bfloat16(), w, 3)
     assert not res2net_kernel.supports(u, 20, 3)  # not whole vectors of 16
+    monkeypatch.setattr(conv_kernel, "WIDE_REGISTERS", False)
+    assert not res2net_kernel.supports(u, w, 3)  # 256-bit vectors: the PyTorch path
 
 
 # groups of 16 and 32 channels (whole vectors: the kernel's); dilations 2, 3, 4 pad the

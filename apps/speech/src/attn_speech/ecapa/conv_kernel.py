@@ -41,7 +41,16 @@ import torch
 
 from core_attention.native import BLOCK, NativeLibrary
 
-__all__ = ["MAX_TAPS", "PANEL", "available", "build_error", "conv", "pack_weight", "supports"]
+__all__ = [
+    "MAX_TAPS",
+    "PANEL",
+    "WIDE_REGISTERS",
+    "available",
+    "build_error",
+    "conv",
+    "pack_weight",
+    "supports",
+]
 
 TILES = r"""
 #include <omp.h>
@@ -235,12 +244,18 @@ available = _LIBRARY.available  # whether the kernel builds and loads (built on 
 build_error = _LIBRARY.build_error  # why it does not, if it does not
 
 
+# The tiles hold 24 accumulators of 16 lanes and their operands in registers: AVX-512's 32
+# registers of 512 bits. With 256-bit vectors (16 registers) they spill and oneDNN is faster.
+WIDE_REGISTERS = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel takes input ``x`` and weights ``weight`` ``[N, C_in, k]``: CPU
-    float32/float64, ``N`` a multiple of 16, at most :data:`MAX_TAPS` taps, no tracer, the
-    library available."""
+    """Whether layers should take the kernel for input ``x`` and weights ``weight`` ``[N,
+    C_in, k]``: a CPU with AVX-512 (:data:`WIDE_REGISTERS`), float32/float64, ``N`` a
+    multiple of 16, at most :data:`MAX_TAPS` taps, no tracer, the library available.
+    (:func:`conv` itself runs on any CPU the library builds for.)"""
     n, _, taps = weight.shape
-    return n % BLOCK == 0 and taps <= MAX_TAPS and _LIBRARY.takes(x)
+    return WIDE_REGISTERS and n % BLOCK == 0 and taps <= MAX_TAPS and _LIBRARY.takes(x)
 
 
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

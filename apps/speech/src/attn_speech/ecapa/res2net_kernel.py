@@ -182,11 +182,13 @@ build_error = _LIBRARY.build_error  # why it does not, if it does not
 
 
 def supports(u: torch.Tensor, width: int, taps: int) -> bool:
-    """Whether :func:`res2net` takes ``u`` with groups of ``width`` channels and ``taps``
-    taps: CPU float32/float64, ``width`` a multiple of 16 up to 1024, at most
+    """Whether blocks should take :func:`res2net` for ``u`` with groups of ``width``
+    channels and ``taps`` taps: a CPU with AVX-512 (:data:`conv_kernel.WIDE_REGISTERS`),
+    float32/float64, ``width`` a multiple of 16 up to 1024, at most
     :data:`conv_kernel.MAX_TAPS` taps, no tracer, the library available."""
     return (
-        width % BLOCK == 0
+        conv_kernel.WIDE_REGISTERS
+        and width % BLOCK == 0
         and width <= _MAX_WIDTH
         and taps <= conv_kernel.MAX_TAPS
         and _LIBRARY.takes(u)

@@ -19,13 +19,15 @@ rows by a weight matrix of a few MiB, so the kernel is a register-blocked matrix
   weights cross the memory bus once) and all rows, or, for layers of one panel, its own
   rows.
 
-On this kernel's reference machine (2 Zen 5 cores) it runs the C=1024 ECAPA-TDNN's layers at
-about 250 GMAC/s on two threads, about 93 % of the cores' fused multiply-add peak, where
-oneDNN's convolutions and inner products reach 180-245 (see the speech app's README).
+Measured with ``python apps/speech/bench/bench_ecapa_layers.py`` on two Zen 5 cores (each
+with a fused multiply-add peak of 134 GMAC/s), weights and inputs coming from memory as in
+the network: 227-247 GMAC/s on the C=1024 network's large layers at two threads, 1.00-1.11x
+oneDNN's time, and 116-125 GMAC/s at one thread.
 
 The C++ source is compiled on first use by :class:`core_attention.native.NativeLibrary`;
-:func:`supports` is False where there is no compiler or the build fails, and
-:class:`~attn_speech.ecapa.time_conv.TimeConv` then takes oneDNN or PyTorch. Inference only:
+:func:`supports` is False where there is no compiler or the build fails, and on CPUs
+without AVX-512 (:data:`WIDE_REGISTERS`: with sixteen 256-bit registers the tiles spill),
+and :class:`~attn_speech.ecapa.time_conv.TimeConv` then takes oneDNN or PyTorch. Inference only:
 no gradients. Float32 and float64 (the tests' reference precision).
 
 Shapes: ``x`` ``[B, T + (k - 1) d, C_in]`` (unit stride along ``C_in``); the weights

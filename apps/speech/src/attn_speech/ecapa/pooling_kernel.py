@@ -145,6 +145,12 @@ struct Block {
     }
 };
 
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t stride, int64_t rows, int64_t bytes) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)(p + r * stride) + o);
+}
+
 // Items (blocks of 16 channels of one batch row) are taken GROUP adjacent blocks at a time,
 // chunk by chunk, so that each row is read 256 contiguous bytes at a time, not 64.
 constexpr int64_t GROUP = 4;
@@ -193,6 +199,11 @@ void stats_items(const StatsArgs& a, int64_t item0, int64_t item1) {
         const T* u = (const T*)a.u + i * a.us;
         for (int64_t t0 = 0; t0 < n; t0 += CHUNK) {
             const int64_t rows = n - t0 < CHUNK ? n - t0 : CHUNK;
+            // the next chunk: u's rows are C apart (12 KiB at C = 3072), each read 64 channels
+            // wide, beyond the reach of the hardware prefetchers
+            const int64_t ahead = n - t0 - CHUNK < CHUNK ? n - t0 - CHUNK : CHUNK;
+            prefetch_rows(u + (t0 + CHUNK) * a.ut + first * BLOCK, a.ut, ahead,
+                          (g1 - g0) * BLOCK * (int64_t)sizeof(T));
             if (SOFTMAX) {
                 const int64_t c0 = first * BLOCK;
                 score_tile<T, V>((const T*)a.h + i * a.hs + t0 * a.ht, a.ht, a.K,

@@ -48,9 +48,9 @@ def _affine(norm: BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
     return a.detach().clone(), (bn.bias - bn.running_mean * a).detach().clone()
 
 
-def _conv_relu(conv: Conv1d, scale=None, shift=None, columns=None) -> TimeConv:
+def _conv_relu(conv: Conv1d, scale=None, shift=None, columns=None, relu=True) -> TimeConv:
     """Fold an input affine (``scale * x + shift`` on ``columns`` of the input channels,
-    all of them by default) into ``conv`` and fuse its ReLU."""
+    all of them by default) into ``conv`` and fuse its ReLU (unless ``relu`` is False)."""
     layer = conv.conv
     if layer.groups != 1:
         raise NotImplementedError("grouped convolutions")
@@ -59,7 +59,7 @@ def _conv_relu(conv: Conv1d, scale=None, shift=None, columns=None) -> TimeConv:
         cols = slice(None) if columns is None else columns
         b = b + (w[:, cols, :] * shift[None, :, None]).sum(dim=(1, 2))
         w[:, cols, :] = w[:, cols, :] * scale[None, :, None]
-    return TimeConv(w, b, layer.dilation[0])
+    return TimeConv(w, b, layer.dilation[0], relu=relu)
 
 
 class _FastBlock(nn.Module):
@@ -90,14 +90,12 @@ class _FastBlock(nn.Module):
         if len({g.pad for g in groups}) > 1:
             raise NotImplementedError("Res2Net groups with different paddings")
         self.register_buffer("a1", a1)
-        for i, (a, b) in enumerate(_affine(sub.norm) for sub in res2.blocks):
-            self.register_buffer(f"ga{i}", a)
-            self.register_buffer(f"gb{i}", b)
-        # the groups' BatchNorms and biases stacked, [scale - 1, W], for res2net_kernel
+        # the groups' BatchNorms and biases, [scale - 1, W]
+        norms = [_affine(sub.norm) for sub in res2.blocks]
+        self.register_buffer("group_scale", torch.stack([a for a, _ in norms]))
+        self.register_buffer("group_shift", torch.stack([b for _, b in norms]))
         self.register_buffer("group_bias", torch.stack([conv.bias for conv in groups]))
-        self.register_buffer("group_scale", torch.stack([_affine(s.norm)[0] for s in res2.blocks]))
-        self.register_buffer("group_shift", torch.stack([_affine(s.norm)[1] for s in res2.blocks]))
-        self._packed_groups: dict[torch.dtype, torch.Tensor] = {}
+        self._packed_groups: dict[torch.dtype, torch.Tensor] = {}  # for res2net_kernel
         self.tdnn2 = _conv_relu(block.tdnn2.conv, a1[:width], b1[:width], slice(0, width))
         a2, b2 = _affine(block.tdnn2.norm)
         se = block.se_block
@@ -153,8 +151,9 @@ class _FastBlock(nn.Module):
                 reflect_edges(buf, p)
             else:
                 pad_time(inner, p, frames, out=buf)
-            a, c = getattr(self, f"ga{i - 1}"), getattr(self, f"gb{i - 1}")
-            y = torch.addcmul(c, conv(buf), a, out=u1[..., cols])
+            y = torch.addcmul(
+                self.group_shift[i - 1], conv(buf), self.group_scale[i - 1], out=u1[..., cols]
+            )
 
     def _res2net_compiled(self, u1, frames):
         """:meth:`_res2net` as one call of :func:`attn_speech.ecapa.res2net_kernel.res2net`."""
@@ -196,8 +195,7 @@ class FastEcapa(nn.Module):
         self.mfa = _conv_relu(model.mfa.conv)
         self.asp = FastAttentivePooling(model.asp, *_affine(model.mfa.norm))
         a, b = _affine(model.asp_bn)
-        self.fc = _conv_relu(model.fc, a, b)
-        self.fc.relu = False
+        self.fc = _conv_relu(model.fc, a, b, relu=False)
         self.input_size = cfg.input_size
         self.eval()
 
@@ -219,7 +217,7 @@ class FastEcapa(nn.Module):
         agg = h.new_empty(b, t, self.width * n)
         for i, block in enumerate(self.blocks):
             # each block writes its columns of the aggregation's input; the next block reads
-            # them there (oneDNN takes the row stride as it is)
+            # them there (the convolutions take the row stride as it is)
             h = block(h, agg[..., i * self.width : (i + 1) * self.width], frames, mask)
         pooled = self.asp(self.mfa(agg), frames)
         return self.fc(pooled.to(self.fc.weight.dtype)[:, None, :])

@@ -147,8 +147,10 @@ struct Block {
 
 template <typename T>
 inline void prefetch_rows(const T* p, int64_t stride, int64_t rows, int64_t bytes) {
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)(p + r * stride) + o);
+    for (int64_t r = 0; r < rows; ++r) {
+        const char* row = (const char*)(p + r * stride);
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o);
+    }
 }
 
 // Items (blocks of 16 channels of one batch row) are taken GROUP adjacent blocks at a time,

@@ -1,9 +1,9 @@
 """Time-major 1-D convolutions for :mod:`attn_speech.ecapa.fast`.
 
-Activations are ``[B, T, C]`` (time-major). On the CPU, float32 and float64 layers whose
-outputs come in whole vectors of 16 channels run the compiled kernel of
+Activations are ``[B, T, C]`` (time-major). On CPUs with AVX-512, float32 and float64
+layers whose outputs come in whole vectors of 16 channels run the compiled kernel of
 :mod:`attn_speech.ecapa.conv_kernel` (weights packed once, any input length). Other CPU
-layers (bfloat16, or no compiler) run oneDNN's convolution, with the
+layers (bfloat16, no compiler, no AVX-512) run oneDNN's convolution, with the
 weights reordered into its blocked layout (as a ``1 x k`` 2-D kernel: oneDNN reorders only
 2-D/3-D weights) and an optional ReLU post-op. With reordered weights oneDNN runs the
 convolution channels-last, which is the time-major layout: a ``[B, T, C]`` input is read in
@@ -79,7 +79,8 @@ class TimeConv(nn.Module):
         self.relu = relu
         self.taps = weight.shape[-1]
         self.pad = dilation * (self.taps - 1) // 2
-        # (dtype, layout) -> packed weights (opaque oneDNN tensors, rebuilt on first use)
+        # (dtype, layout) -> packed weights (conv_kernel's under layout "native", else opaque
+        # oneDNN tensors), rebuilt on first use
         self._packed: dict[tuple, torch.Tensor] = {}
 
     def __getstate__(self):

@@ -46,6 +46,8 @@ from core_attention.native import BLOCK, NativeLibrary
 __all__ = [
     "MAX_TAPS",
     "PANEL",
+    "PASS_CHANNELS",
+    "ROWS",
     "WIDE_REGISTERS",
     "available",
     "build_error",
@@ -222,7 +224,8 @@ EXPORT_DISPATCH(conv, ConvArgs, split_items)
 
 PANEL = 64  # output channels per packed panel (PANEL in the source)
 MAX_TAPS = 8  # MAX_TAPS in the source
-_ROWS = 6  # output rows per tile (ROWS in the source)
+ROWS = 6  # output rows per tile (ROWS in the source)
+PASS_CHANNELS = 1024  # input channels per pass over a panel (KC in the source)
 # multiply-adds below which one thread runs
 _SHARED_WORK = 1 << 16
 
@@ -311,6 +314,6 @@ def conv(
         y.data_ptr(), y.stride(0), y.stride(1),
         int(relu),
     )  # fmt: skip
-    items = -(-out_channels // PANEL) * b * -(-t // _ROWS)
+    items = -(-out_channels // PANEL) * b * -(-t // ROWS)
     _LIBRARY.run("conv", dtype, args, items, b * t * cin * taps * out_channels, _SHARED_WORK)
     return y

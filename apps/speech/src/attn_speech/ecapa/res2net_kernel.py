@@ -155,8 +155,6 @@ EXPORT_DISPATCH(res2net, BlockArgs, run_block)
 """
 )
 
-_ROWS = 6  # output rows per tile (ROWS in conv_kernel's source)
-_MAX_WIDTH = 1024  # input channels of one pass over a panel (KC there)
 _SHARED_WORK = 1 << 16  # multiply-adds below which one thread runs
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -189,7 +187,7 @@ def supports(u: torch.Tensor, width: int, taps: int) -> bool:
     return (
         conv_kernel.WIDE_REGISTERS
         and width % BLOCK == 0
-        and width <= _MAX_WIDTH
+        and width <= conv_kernel.PASS_CHANNELS
         and taps <= conv_kernel.MAX_TAPS
         and _LIBRARY.takes(u)
     )
@@ -226,7 +224,7 @@ def res2net(
     width = c // (groups + 1)
     if t < 1 or width * (groups + 1) != c or size != width * width * taps:
         raise ValueError(f"packed weights {tuple(packed.shape)} do not split u {tuple(u.shape)}")
-    if width % BLOCK or width > _MAX_WIDTH or not 1 <= taps <= conv_kernel.MAX_TAPS:
+    if width % BLOCK or width > conv_kernel.PASS_CHANNELS or not 1 <= taps <= conv_kernel.MAX_TAPS:
         raise ValueError(f"groups of {width} channels with {taps} taps: not supported")
     _rows(packed, dtype, (groups, size), "packed")
     for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
@@ -247,7 +245,7 @@ def res2net(
         buffers.data_ptr(), buffers.stride(0),
         addr(frames),
     )  # fmt: skip
-    items = -(-width // conv_kernel.PANEL) * batch * -(-t // _ROWS)
+    items = -(-width // conv_kernel.PANEL) * batch * -(-t // conv_kernel.ROWS)
     work = groups * batch * t * width * width * taps
     _LIBRARY.run("res2net", dtype, args, items, work, _SHARED_WORK)
     return u

@@ -289,6 +289,8 @@ class NativeLibrary:
         self._functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
 
     def _load(self) -> ctypes.CDLL | None:
+        if self._loaded:  # set last, under the lock: every call after the first
+            return self._lib
         with self._lock:
             if not self._loaded:
                 key = hashlib.sha256((self.source + " ".join(compile_flags())).encode())

@@ -213,10 +213,10 @@ def test_fast_network_without_a_compiler(tmp_path, random_batchnorm, without_com
     script = textwrap.dedent(
         f"""
         import torch
-        from attn_speech.ecapa import conv_kernel, pooling_kernel, res2net_kernel
+        from attn_speech.ecapa import conv_kernel, pooling_kernel, res2net_kernel, strassen_kernel
         from attn_speech.ecapa.fast import FastEcapa
 
-        kernels = (conv_kernel, pooling_kernel, res2net_kernel)
+        kernels = (conv_kernel, pooling_kernel, res2net_kernel, strassen_kernel)
         assert not any(kernel.available() for kernel in kernels)
         assert "no-such-compiler" in res2net_kernel.build_error()
         saved = torch.load({str(tmp_path / "in.pt")!r}, weights_only=False)

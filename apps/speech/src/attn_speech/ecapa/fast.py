@@ -193,6 +193,7 @@ class FastEcapa(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.width = cfg.channels[1]
         self.mfa = _conv_relu(model.mfa.conv)
+        self.mfa.strassen = True  # 3C x 3C: half of the network's products
         self.asp = FastAttentivePooling(model.asp, *_affine(model.mfa.norm))
         a, b = _affine(model.asp_bn)
         self.fc = _conv_relu(model.fc, a, b, relu=False)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attn_speech.ecapa import conv_kernel
+from attn_speech.ecapa import conv_kernel, strassen_kernel
 from attn_speech.ecapa.layers import reflect_index
 from core_attention.cpu_memory import MMAP_THRESHOLD
 
@@ -50,6 +50,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and all(
 )
 
 
+STRASSEN = True
 NATIVE = True  # whether float32/float64 layers on the CPU take conv_kernel where it builds
 
 # (weight shape, dilation, dtype, batch, padded frames, threads) -> oneDNN's layout for it
@@ -77,6 +78,9 @@ class TimeConv(nn.Module):
         self.register_buffer("bias", bias.detach().clone().contiguous())
         self.dilation = dilation
         self.relu = relu
+        # one Strassen level (strassen_kernel) where the layer and input allow: set for the
+        # large 1x1 layers whose products repay it
+        self.strassen = False
         self.taps = weight.shape[-1]
         self.pad = dilation * (self.taps - 1) // 2
         # (dtype, layout) -> packed weights (conv_kernel's under layout "native", else opaque
@@ -137,6 +141,12 @@ class TimeConv(nn.Module):
     ) -> torch.Tensor:
         bias = self.bias if bias is None else bias
         relu = self.relu if relu is None else relu
+        if self.strassen and STRASSEN and strassen_kernel.supports(x, self.weight):
+            packed = self._packed.get((x.dtype, "strassen"))
+            if packed is None:
+                packed = strassen_kernel.pack_products(self.weight, x.dtype)
+                self._packed[(x.dtype, "strassen")] = packed
+            return strassen_kernel.strassen(x, packed, self.weight.shape[0], bias, relu)
         if NATIVE and conv_kernel.supports(x, self.weight):
             weight = self._native_weight(x.dtype)
             n, _, taps = self.weight.shape

@@ -3,9 +3,11 @@ against oneDNN's convolution / inner product with packed weights, per layer shap
 Res2Net part of one block (attn_speech.ecapa.res2net_kernel) against the path taken without
 a compiler (oneDNN's convolutions, PyTorch's element-wise operations).
 
-Each call runs after a pass over 64 MiB of other data, as in the network, whose 70 MiB of
-weights (C=1024) come from memory on every call; the two paths alternate; the table gives
-each one's median and the GMAC/s it means.
+The aggregation layer is timed twice: as one product, and with the one Strassen level
+(attn_speech.ecapa.strassen_kernel) FastEcapa runs it with (GMAC/s counts the plain
+product's multiply-adds). Each call runs after a pass over 64 MiB of other data, as in the
+network, whose 70 MiB of weights (C=1024) come from memory on every call; the two paths
+alternate; the table gives each one's median and the GMAC/s it means.
 
     python apps/speech/bench/bench_ecapa_layers.py [--channels 1024] [--frames 500]
         [--threads 2] [--repeats 50]
@@ -56,6 +58,7 @@ def main() -> None:
         "block TDNN (C -> C, 1x1)": (c, c, 1, 1),
         "Res2Net group (C/8 -> C/8, 3 taps, dilation 2)": (width, width, 3, 2),
         "aggregation (3C -> 3C, 1x1)": (3 * c, 3 * c, 1, 1),
+        "aggregation, one Strassen level (7/8 of the products)": (3 * c, 3 * c, 1, 1),
         "pooling's hidden layer (3C -> 128, 1x1)": (3 * c, 128, 1, 1),
     }
     rows = []
@@ -63,6 +66,7 @@ def main() -> None:
         for name, (cin, cout, taps, dil) in layers.items():
             weight = torch.randn(cout, cin, taps) / (cin * taps) ** 0.5
             conv = TimeConv(weight, torch.randn(cout), dil)
+            conv.strassen = "Strassen" in name  # as FastEcapa sets it for this layer
             x = torch.randn(1, t + 2 * conv.pad, cin)
             macs = t * cin * cout * taps
             timing = {}

@@ -50,7 +50,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and all(
 )
 
 
-STRASSEN = True
+STRASSEN = True  # whether layers marked `strassen` take strassen_kernel where it supports them
 NATIVE = True  # whether float32/float64 layers on the CPU take conv_kernel where it builds
 
 # (weight shape, dilation, dtype, batch, padded frames, threads) -> oneDNN's layout for it
@@ -141,7 +141,7 @@ class TimeConv(nn.Module):
     ) -> torch.Tensor:
         bias = self.bias if bias is None else bias
         relu = self.relu if relu is None else relu
-        if self.strassen and STRASSEN and strassen_kernel.supports(x, self.weight):
+        if self.strassen and STRASSEN and NATIVE and strassen_kernel.supports(x, self.weight):
             packed = self._packed.get((x.dtype, "strassen"))
             if packed is None:
                 packed = strassen_kernel.pack_products(self.weight, x.dtype)

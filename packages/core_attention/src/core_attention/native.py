@@ -53,6 +53,7 @@ PRELUDE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -207,18 +208,42 @@ void parallel(const Args* a, int64_t items, int64_t threads, Fn fn) {
     for (int64_t i = 0; i < items; i += 4) fn(*a, i, i + 4 < items ? i + 4 : items);
 }
 
+// Thread k of n takes the k-th of n equal runs of items, in order: for kernels whose
+// consecutive items share data (a weight panel, neighbouring rows), which parallel()'s
+// interleaved chunks would scatter across the cores.
+template <typename Args, typename Fn>
+void parallel_runs(const Args* a, int64_t items, int64_t threads, Fn fn) {
+    if (threads <= 1) {
+        fn(*a, 0, items);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+        fn(*a, items * k / n, items * (k + 1) / n);
+    }
+}
+
 }  // namespace
 
 // The two entries NativeLibrary.run calls, NAME_f32 and NAME_f64 (f(&args, items, threads)):
 // EXPORT_DISPATCH runs RUN<float, vf> / RUN<double, vd>(&args, items, threads);
 // EXPORT_PARALLEL runs parallel() over ITEMS<float, vf, ...> / ITEMS<double, vd, ...>, the
-// optional arguments being further template arguments of ITEMS.
+// optional arguments being further template arguments of ITEMS; EXPORT_RUNS runs
+// parallel_runs() over ITEMS<float, vf> / ITEMS<double, vd>.
 #define EXPORT_DISPATCH(NAME, ARGS, RUN)                                             \
     extern "C" void NAME##_f32(const ARGS* a, int64_t items, int64_t threads) {    \
         RUN<float, vf>(a, items, threads);                                           \
     }                                                                                \
     extern "C" void NAME##_f64(const ARGS* a, int64_t items, int64_t threads) {    \
         RUN<double, vd>(a, items, threads);                                          \
+    }
+#define EXPORT_RUNS(NAME, ARGS, ITEMS)                                               \
+    extern "C" void NAME##_f32(const ARGS* a, int64_t items, int64_t threads) {    \
+        parallel_runs(a, items, threads, ITEMS<float, vf>);                          \
+    }                                                                                \
+    extern "C" void NAME##_f64(const ARGS* a, int64_t items, int64_t threads) {    \
+        parallel_runs(a, items, threads, ITEMS<double, vd>);                         \
     }
 #define EXPORT_PARALLEL(NAME, ARGS, ITEMS, ...)                                      \
     extern "C" void NAME##_f32(const ARGS* a, int64_t items, int64_t threads) {    \

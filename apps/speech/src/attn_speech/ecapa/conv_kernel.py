@@ -57,8 +57,6 @@ __all__ = [
 ]
 
 TILES = r"""
-#include <omp.h>
-
 namespace {
 
 constexpr int64_t ROWS = 6;       // output rows per tile
@@ -203,22 +201,9 @@ void conv_items(const ConvArgs& g, int64_t i0, int64_t i1) {
     }
 }
 
-template <typename T, typename V>
-void split_items(const ConvArgs* a, int64_t items, int64_t threads) {
-    if (threads <= 1) {
-        conv_items<T, V>(*a, 0, items);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        const int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
-        conv_items<T, V>(*a, items * k / n, items * (k + 1) / n);
-    }
-}
-
 }  // namespace
 
-EXPORT_DISPATCH(conv, ConvArgs, split_items)
+EXPORT_RUNS(conv, ConvArgs, conv_items)
 """
 )
 

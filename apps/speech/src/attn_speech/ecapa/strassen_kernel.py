@@ -176,23 +176,9 @@ void strassen_panels(const StrassenArgs& g, int64_t j0, int64_t j1) {
     }
 }
 
-// Thread k of n takes the k-th of n equal runs of the N2 / PANEL column panels.
-template <typename T, typename V>
-void split_panels(const StrassenArgs* a, int64_t panels, int64_t threads) {
-    if (threads <= 1) {
-        strassen_panels<T, V>(*a, 0, panels);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        const int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
-        strassen_panels<T, V>(*a, panels * k / n, panels * (k + 1) / n);
-    }
-}
-
 }  // namespace
 
-EXPORT_DISPATCH(strassen, StrassenArgs, split_panels)
+EXPORT_RUNS(strassen, StrassenArgs, strassen_panels)  // threads: runs of column panels
 """
 )
 

@@ -57,8 +57,8 @@ extern "C" {
 
 // y [M, N] (rows yt apart) = act(x W^T + bias), x [M, 2 K2] (rows xt apart), from seven
 // products of sums of x's quarters (rows [0, h) and [h, M), columns [0, K2) and [K2, 2 K2))
-// and the packed weight combinations w[p] (conv_kernel's panels of [K2, N2]); M - h <= h,
-// the missing row of an odd M read from zero (K2 zeros).
+// and the seven packed weight combinations w, panel by panel ([N2 / 64][7][K2][64]);
+// M - h <= h, the missing row of an odd M read from zero (K2 zeros).
 struct StrassenArgs {
     int64_t M, h, K2, N2;
     const void* x; int64_t xt;

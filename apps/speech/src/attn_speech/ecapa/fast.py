@@ -34,18 +34,11 @@ import torch
 from torch import nn
 
 from attn_speech.ecapa import res2net_kernel
-from attn_speech.ecapa.fast_pooling import FastAttentivePooling
-from attn_speech.ecapa.layers import BatchNorm1d, Conv1d, SERes2NetBlock, TDNNBlock
+from attn_speech.ecapa.fast_pooling import FastAttentivePooling, bn_affine
+from attn_speech.ecapa.layers import Conv1d, SERes2NetBlock, TDNNBlock
 from attn_speech.ecapa.lengths import frames_from_relative
 from attn_speech.ecapa.model import EcapaTDNN
 from attn_speech.ecapa.time_conv import TimeConv, pad_time, reflect_edges
-
-
-def _affine(norm: BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``a * x + b`` per channel."""
-    bn = norm.norm
-    a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return a.detach().clone(), (bn.bias - bn.running_mean * a).detach().clone()
 
 
 def _conv_relu(conv: Conv1d, scale=None, shift=None, columns=None, relu=True) -> TimeConv:
@@ -74,7 +67,7 @@ class _FastBlock(nn.Module):
             self.register_buffer("a_in", a_in)
             self.register_buffer("b_in", b_in)
         self.tdnn1 = _conv_relu(block.tdnn1.conv, a_in, b_in)
-        a1, b1 = _affine(block.tdnn1.norm)
+        a1, b1 = bn_affine(block.tdnn1.norm)
         res2 = block.res2net_block
         self.scale = res2.scale
         width = a1.numel() // res2.scale
@@ -91,13 +84,13 @@ class _FastBlock(nn.Module):
             raise NotImplementedError("Res2Net groups with different paddings")
         self.register_buffer("a1", a1)
         # the groups' BatchNorms and biases, [scale - 1, W]
-        norms = [_affine(sub.norm) for sub in res2.blocks]
+        norms = [bn_affine(sub.norm) for sub in res2.blocks]
         self.register_buffer("group_scale", torch.stack([a for a, _ in norms]))
         self.register_buffer("group_shift", torch.stack([b for _, b in norms]))
         self.register_buffer("group_bias", torch.stack([conv.bias for conv in groups]))
         self._packed_groups: dict[torch.dtype, torch.Tensor] = {}  # for res2net_kernel
         self.tdnn2 = _conv_relu(block.tdnn2.conv, a1[:width], b1[:width], slice(0, width))
-        a2, b2 = _affine(block.tdnn2.norm)
+        a2, b2 = bn_affine(block.tdnn2.norm)
         se = block.se_block
         # the squeeze-excitation's two layers on the [B, 1, C] mean, as TimeConvs: on the
         # CPU their weights (read from memory once per call) are split across the threads
@@ -187,15 +180,15 @@ class FastEcapa(nn.Module):
         if not isinstance(first, TDNNBlock):
             raise NotImplementedError("first layer must be a TDNN block")
         self.first = _conv_relu(first.conv)
-        a0, b0 = _affine(first.norm)
+        a0, b0 = bn_affine(first.norm)
         blocks = [_FastBlock(model.blocks[1], a0, b0)]
         blocks += [_FastBlock(b) for b in model.blocks[2:]]
         self.blocks = nn.ModuleList(blocks)
         self.width = cfg.channels[1]
         self.mfa = _conv_relu(model.mfa.conv)
         self.mfa.strassen = True  # 3C x 3C: half of the network's products
-        self.asp = FastAttentivePooling(model.asp, *_affine(model.mfa.norm))
-        a, b = _affine(model.asp_bn)
+        self.asp = FastAttentivePooling(model.asp, *bn_affine(model.mfa.norm))
+        a, b = bn_affine(model.asp_bn)
         self.fc = _conv_relu(model.fc, a, b, relu=False)
         self.input_size = cfg.input_size
         self.eval()

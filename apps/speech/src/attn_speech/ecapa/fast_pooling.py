@@ -31,7 +31,11 @@ from attn_speech.ecapa.time_conv import TimeConv
 from core_attention.layers.attentive_pooling import AttentiveStatisticsPooling
 
 
-def _bn_affine(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as ``a * x + b`` per channel, ``(a, b)``: ``norm`` a
+    SpeechBrain-style wrapper (``layers.BatchNorm1d``, core_attention's) of an
+    ``nn.BatchNorm1d`` ``norm.norm``."""
+    bn = norm.norm
     a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return a.detach().clone(), (bn.bias - bn.running_mean * a).detach().clone()
 
@@ -58,7 +62,7 @@ class FastAttentivePooling(nn.Module):
         self.hidden = TimeConv((w[:, :c] * a[None, :])[..., None], bias + w[:, :c] @ b)
         if self.global_context:  # [mean; std] -> the hidden layer's bias, a [B, 1, 2C] input
             self.context = TimeConv(w[:, c:, None], self.hidden.bias, relu=False)
-        hidden_a, hidden_b = _bn_affine(asp.tdnn.norm.norm)
+        hidden_a, hidden_b = bn_affine(asp.tdnn.norm)
         self.register_buffer("hidden_a", hidden_a)
         self.register_buffer("hidden_b", hidden_b)
         score = asp.conv.conv

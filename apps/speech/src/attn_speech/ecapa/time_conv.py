@@ -24,6 +24,10 @@ inner product, a matrix product over the ``B * T`` rows as fast as the convoluti
 float32, packs its weights once for every number of rows. (In bfloat16 the convolution is
 about 5 % faster on that layer, and its 18 MiB of weights stay below the line.)
 
+A layer marked ``strassen`` runs as one level of Strassen's algorithm
+(:mod:`attn_speech.ecapa.strassen_kernel`, 7/8 of the products) where that kernel takes the
+input: on the CPU, float32/float64, at least 128 rows and 2048 input channels.
+
 Elsewhere (other devices, no oneDNN) a ``k``-tap dilated convolution is ``k`` accumulated
 GEMMs over shifted row views of the padded input.
 """
@@ -67,7 +71,8 @@ class TimeConv(nn.Module):
     Shapes: ``weight`` ``[C_out, C_in, k]`` (``nn.Conv1d``'s), ``bias`` ``[C_out]``;
     ``forward(x, bias=None, relu=None)``: ``x`` ``[B, T + 2 p, C_in]`` with ``p = dilation
     (k - 1) / 2`` -> ``[B, T, C_out]``. ``bias`` and ``relu`` replace the stored ones for
-    this call.
+    this call. With ``strassen`` set (FastEcapa sets it on its aggregation layer), a 1x1
+    layer runs one Strassen level where :func:`strassen_kernel.supports` takes the input.
     """
 
     def __init__(
@@ -98,20 +103,28 @@ class TimeConv(nn.Module):
         size = self.weight.numel() * dtype.itemsize
         return self.taps == 1 and size > _INNER_PRODUCT_BYTES
 
+    def _packing(self, dtype: torch.dtype, layout, pack, *args) -> torch.Tensor:
+        """The weights packed for ``layout`` in ``dtype``: ``pack(*args)`` on first use."""
+        packed = self._packed.get((dtype, layout))
+        if packed is None:
+            packed = self._packed[(dtype, layout)] = pack(*args)
+        return packed
+
     def _native_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weights packed for :mod:`attn_speech.ecapa.conv_kernel`."""
-        packed = self._packed.get((dtype, "native"))
-        if packed is None:
-            packed = self._packed[(dtype, "native")] = conv_kernel.pack_weight(self.weight, dtype)
-        return packed
+        return self._packing(dtype, "native", conv_kernel.pack_weight, self.weight, dtype)
+
+    def _strassen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The seven weight combinations packed for :mod:`attn_speech.ecapa.strassen_kernel`."""
+        return self._packing(dtype, "strassen", strassen_kernel.pack_products, self.weight, dtype)
 
     def _linear_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weights packed for oneDNN's inner product (one packing for all row counts)."""
-        packed = self._packed.get((dtype, None))
-        if packed is None:
-            w = self.weight[:, :, 0].to(dtype)
-            packed = self._packed[(dtype, None)] = torch.ops.mkldnn._reorder_linear_weight(w, 1024)
-        return packed
+
+        def pack():
+            return torch.ops.mkldnn._reorder_linear_weight(self.weight[:, :, 0].to(dtype), 1024)
+
+        return self._packing(dtype, None, pack)
 
     def _conv_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weights in the blocked layout oneDNN's convolution picks for input ``x``
@@ -142,10 +155,7 @@ class TimeConv(nn.Module):
         bias = self.bias if bias is None else bias
         relu = self.relu if relu is None else relu
         if self.strassen and STRASSEN and NATIVE and strassen_kernel.supports(x, self.weight):
-            packed = self._packed.get((x.dtype, "strassen"))
-            if packed is None:
-                packed = strassen_kernel.pack_products(self.weight, x.dtype)
-                self._packed[(x.dtype, "strassen")] = packed
+            packed = self._strassen_weight(x.dtype)
             return strassen_kernel.strassen(x, packed, self.weight.shape[0], bias, relu)
         if NATIVE and conv_kernel.supports(x, self.weight):
             weight = self._native_weight(x.dtype)

@@ -64,18 +64,6 @@ constexpr int64_t PANEL = 64;     // output channels per tile (4 vectors)
 constexpr int64_t KC = 1024;      // input channels per pass over a panel
 constexpr int64_t MAX_TAPS = 8;
 
-template <typename V, typename T>
-inline V ld(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-}
-
-template <typename T, typename V>
-inline void st(T* p, V v) {
-    std::memcpy(p, &v, sizeof(V));
-}
-
 // x in every lane, one broadcast: x - 0 is x for every x, so the subtraction folds away
 // (V{} + x would not: -0 + 0 is +0)
 template <typename V, typename T>
@@ -92,14 +80,14 @@ void tile(const T* const* a, int64_t taps, int64_t kc, const T* w, int64_t wtap,
           const T* init, int64_t it, T* y, int64_t yt, bool relu) {
     V acc[R][NB];
     for (int r = 0; r < R; ++r)
-        for (int c = 0; c < NB; ++c) acc[r][c] = ld<V>(init + r * it + c * BLOCK);
+        for (int c = 0; c < NB; ++c) acc[r][c] = load<V>(init + r * it + c * BLOCK, BLOCK);
     for (int64_t j = 0; j < taps; ++j) {
         const T* wj = w + j * wtap;
         const T* aj[R];
         for (int r = 0; r < R; ++r) aj[r] = a[j * R + r];
         for (int64_t k = 0; k < kc; ++k) {
             V b[NB];
-            for (int c = 0; c < NB; ++c) b[c] = ld<V>(wj + (k * NB + c) * BLOCK);
+            for (int c = 0; c < NB; ++c) b[c] = load<V>(wj + (k * NB + c) * BLOCK, BLOCK);
             for (int r = 0; r < R; ++r) {
                 const V s = splat<V>(aj[r][k]);
                 for (int c = 0; c < NB; ++c) acc[r][c] += s * b[c];
@@ -110,7 +98,7 @@ void tile(const T* const* a, int64_t taps, int64_t kc, const T* w, int64_t wtap,
         for (int c = 0; c < NB; ++c) {
             V v = acc[r][c];
             if (relu) v = v > T(0) ? v : V{};
-            st(y + r * yt + c * BLOCK, v);
+            store(y + r * yt + c * BLOCK, v, BLOCK);
         }
 }
 

@@ -127,9 +127,12 @@ void block(const BlockArgs& g, int64_t k, int64_t n) {
                 T* uq = u + b * g.us + (t0 + q) * g.ut;
                 T* nq = next ? next + (b * g.T + t0 + q) * W : nullptr;
                 for (int64_t c = n0; c < n0 + width; c += BLOCK) {
-                    const V y = ld<V>(sc + c) * ld<V>(r_tile + q * width + c - n0) + ld<V>(sh + c);
-                    st(uq + col + c, y);
-                    if (nq) st(nq + c, y + ld<V>(a + col + W + c) * ld<V>(uq + col + W + c));
+                    const V rv = load<V>(r_tile + q * width + c - n0, BLOCK);
+                    const V y = load<V>(sc + c, BLOCK) * rv + load<V>(sh + c, BLOCK);
+                    store(uq + col + c, y, BLOCK);
+                    if (!nq) continue;
+                    const V x = load<V>(uq + col + W + c, BLOCK);
+                    store(nq + c, y + load<V>(a + col + W + c, BLOCK) * x, BLOCK);
                 }
             }
         }

@@ -103,7 +103,7 @@ void pair_tile(const T* const* a, const T* const* b, int64_t K2, const T* w, T* 
     V acc[R][NB] = {};
     for (int64_t k = 0; k < K2; ++k) {
         V wk[NB];
-        for (int c = 0; c < NB; ++c) wk[c] = ld<V>(w + (k * NB + c) * BLOCK);
+        for (int c = 0; c < NB; ++c) wk[c] = load<V>(w + (k * NB + c) * BLOCK, BLOCK);
         for (int r = 0; r < R; ++r) {
             const T v = OP == 0 ? a[r][k] : (OP > 0 ? a[r][k] + b[r][k] : a[r][k] - b[r][k]);
             const V sv = splat<V>(v);
@@ -111,7 +111,7 @@ void pair_tile(const T* const* a, const T* const* b, int64_t K2, const T* w, T* 
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int c = 0; c < NB; ++c) st(y + r * PANEL + c * BLOCK, acc[r][c]);
+        for (int c = 0; c < NB; ++c) store(y + r * PANEL + c * BLOCK, acc[r][c], BLOCK);
 }
 
 template <typename T>
@@ -164,10 +164,10 @@ void strassen_panels(const StrassenArgs& g, int64_t j0, int64_t j1) {
                     for (int64_t q = 0; q < valid; ++q) {
                         T* out = y + (top + t0 + q) * g.yt + col;
                         for (int64_t c = 0; c < PANEL; c += BLOCK) {
-                            V v = ld<V>(prod + q * PANEL + c) * sign;
-                            v += first ? ld<V>(bias + col + c) : ld<V>(out + c);
+                            V v = load<V>(prod + q * PANEL + c, BLOCK) * sign;
+                            v += first ? load<V>(bias + col + c, BLOCK) : load<V>(out + c, BLOCK);
                             if (last && g.relu) v = v > T(0) ? v : V{};
-                            st(out + c, v);
+                            store(out + c, v, BLOCK);
                         }
                     }
                 }
